@@ -1,0 +1,268 @@
+//! The storage engine behind the store's own API: sled on disk, or an ordered
+//! map in memory for tests. Nothing outside this module names sled, so the
+//! engine can be swapped (garage had to replace sled; we keep that door open).
+
+use std::collections::BTreeMap;
+use std::ops::{Bound, Deref};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use crate::error::{Result, StoreError};
+
+/// An open database: a set of named trees plus a flush.
+#[derive(Clone)]
+pub(crate) enum Kv {
+    Sled(sled::Db),
+    Mem(Arc<RwLock<BTreeMap<String, MemTree>>>),
+}
+
+type MemTree = Arc<RwLock<BTreeMap<Vec<u8>, Vec<u8>>>>;
+
+/// One ordered key space.
+#[derive(Clone)]
+pub(crate) enum Tree {
+    Sled(sled::Tree),
+    Mem(MemTree),
+}
+
+/// A value read from a tree, borrowed from the engine where it can be.
+pub(crate) enum Value {
+    Sled(sled::IVec),
+    Mem(Vec<u8>),
+}
+
+impl Deref for Value {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Value::Sled(v) => v,
+            Value::Mem(v) => v,
+        }
+    }
+}
+
+/// Writes applied to one tree atomically.
+#[derive(Default)]
+pub(crate) struct Batch {
+    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Batch {
+    pub(crate) fn insert(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.ops.push((key, Some(value)));
+    }
+    pub(crate) fn remove(&mut self, key: Vec<u8>) {
+        self.ops.push((key, None));
+    }
+    pub(crate) fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+fn poisoned() -> StoreError {
+    StoreError::Backend("in-memory tree lock poisoned by a panicked writer".into())
+}
+
+impl Kv {
+    pub(crate) fn open_sled(path: &Path, cache_bytes: u64) -> Result<Kv> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(cache_bytes)
+            // We flush ourselves (group commit); sled's timer flush is only a backstop.
+            .flush_every_ms(Some(1000))
+            .open()?;
+        Ok(Kv::Sled(db))
+    }
+
+    pub(crate) fn memory() -> Kv {
+        Kv::Mem(Arc::default())
+    }
+
+    pub(crate) fn tree(&self, name: &str) -> Result<Tree> {
+        match self {
+            Kv::Sled(db) => Ok(Tree::Sled(db.open_tree(name)?)),
+            Kv::Mem(trees) => {
+                let mut trees = trees.write().map_err(|_| poisoned())?;
+                Ok(Tree::Mem(trees.entry(name.to_owned()).or_default().clone()))
+            }
+        }
+    }
+
+    /// Makes every write applied so far durable (see `specs/store.md` for what
+    /// sled's flush does and does not promise). The memory engine has nothing to do.
+    pub(crate) fn flush(&self) -> Result<()> {
+        match self {
+            Kv::Sled(db) => {
+                db.flush()?;
+                Ok(())
+            }
+            Kv::Mem(_) => Ok(()),
+        }
+    }
+
+    pub(crate) fn size_on_disk(&self) -> Result<u64> {
+        match self {
+            Kv::Sled(db) => Ok(db.size_on_disk()?),
+            Kv::Mem(_) => Ok(0),
+        }
+    }
+}
+
+impl Tree {
+    pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Value>> {
+        match self {
+            Tree::Sled(t) => Ok(t.get(key)?.map(Value::Sled)),
+            Tree::Mem(t) => Ok(t
+                .read()
+                .map_err(|_| poisoned())?
+                .get(key)
+                .map(|v| Value::Mem(v.clone()))),
+        }
+    }
+
+    pub(crate) fn apply(&self, batch: Batch) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        match self {
+            Tree::Sled(t) => {
+                let mut b = sled::Batch::default();
+                for (k, v) in batch.ops {
+                    match v {
+                        Some(v) => b.insert(k, v),
+                        None => b.remove(k),
+                    }
+                }
+                t.apply_batch(b)?;
+            }
+            Tree::Mem(t) => {
+                let mut t = t.write().map_err(|_| poisoned())?;
+                for (k, v) in batch.ops {
+                    match v {
+                        Some(v) => t.insert(k, v),
+                        None => t.remove(&k),
+                    };
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Inserts `value` only if `key` is absent. Returns whether it was inserted.
+    pub(crate) fn insert_if_absent(&self, key: &[u8], value: Vec<u8>) -> Result<bool> {
+        match self {
+            Tree::Sled(t) => Ok(t.compare_and_swap(key, None::<&[u8]>, Some(value))?.is_ok()),
+            Tree::Mem(t) => {
+                let mut t = t.write().map_err(|_| poisoned())?;
+                if t.contains_key(key) {
+                    Ok(false)
+                } else {
+                    t.insert(key.to_vec(), value);
+                    Ok(true)
+                }
+            }
+        }
+    }
+
+    /// Up to `limit` entries with keys in `[from, to)`, in key order.
+    pub(crate) fn range(
+        &self,
+        from: &[u8],
+        to: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Value)>> {
+        let upper = match to {
+            Some(t) => Bound::Excluded(t.to_vec()),
+            None => Bound::Unbounded,
+        };
+        let lower = Bound::Included(from.to_vec());
+        let mut out = Vec::new();
+        match self {
+            Tree::Sled(t) => {
+                for item in t.range::<Vec<u8>, _>((lower, upper)).take(limit) {
+                    let (k, v) = item?;
+                    out.push((k.to_vec(), Value::Sled(v)));
+                }
+            }
+            Tree::Mem(t) => {
+                let t = t.read().map_err(|_| poisoned())?;
+                for (k, v) in t.range::<Vec<u8>, _>((lower, upper)).take(limit) {
+                    out.push((k.clone(), Value::Mem(v.clone())));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` entries whose key starts with `prefix`, starting at `from`
+    /// (which must itself start with `prefix`).
+    pub(crate) fn prefix_from(
+        &self,
+        prefix: &[u8],
+        from: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Value)>> {
+        let end = prefix_end(prefix);
+        self.range(from, end.as_deref(), limit)
+    }
+
+    /// The greatest key starting with `prefix`, if any.
+    pub(crate) fn last_in_prefix(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>> {
+        let upper = match prefix_end(prefix) {
+            Some(t) => Bound::Excluded(t),
+            None => Bound::Unbounded,
+        };
+        let lower = Bound::Included(prefix.to_vec());
+        match self {
+            Tree::Sled(t) => match t.range::<Vec<u8>, _>((lower, upper)).next_back() {
+                Some(item) => Ok(Some(item?.0.to_vec())),
+                None => Ok(None),
+            },
+            Tree::Mem(t) => Ok(t
+                .read()
+                .map_err(|_| poisoned())?
+                .range::<Vec<u8>, _>((lower, upper))
+                .next_back()
+                .map(|(k, _)| k.clone())),
+        }
+    }
+
+    pub(crate) fn remove(&self, key: &[u8]) -> Result<bool> {
+        match self {
+            Tree::Sled(t) => Ok(t.remove(key)?.is_some()),
+            Tree::Mem(t) => Ok(t.write().map_err(|_| poisoned())?.remove(key).is_some()),
+        }
+    }
+
+    pub(crate) fn len(&self) -> Result<usize> {
+        match self {
+            Tree::Sled(t) => Ok(t.len()),
+            Tree::Mem(t) => Ok(t.read().map_err(|_| poisoned())?.len()),
+        }
+    }
+}
+
+/// The smallest key greater than every key starting with `prefix`, or `None`
+/// when the prefix is all `0xff`.
+pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_end_is_exclusive_upper_bound() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+    }
+}
