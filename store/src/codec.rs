@@ -77,9 +77,9 @@ pub fn encode_value<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
     value
         .serialize(&mut serde_cbor::Serializer::new(&mut out).packed_format())
         .map_err(|e| StoreError::Corrupt {
-        context: "encode".into(),
-        reason: e.to_string(),
-    })?;
+            context: "encode".into(),
+            reason: e.to_string(),
+        })?;
     Ok(out)
 }
 
@@ -180,7 +180,10 @@ mod tests {
     fn oversized_and_misshapen_records_are_refused() {
         let mut r = sample();
         r.body = vec![0; crate::record::MAX_BODY_BYTES + 1];
-        assert!(matches!(encode_record(&r), Err(StoreError::TooLarge { .. })));
+        assert!(matches!(
+            encode_record(&r),
+            Err(StoreError::TooLarge { .. })
+        ));
         let mut r = sample();
         r.ns = "Bad NS".into();
         assert!(matches!(encode_record(&r), Err(StoreError::Invalid(_))));

@@ -32,6 +32,8 @@ struct Shared {
     flushed: watch::Sender<Flushed>,
     /// The memory engine has no disk: every write is "durable" at once.
     instant: bool,
+    flushes: AtomicU64,
+    commit_delay: std::time::Duration,
 }
 
 #[derive(Default)]
@@ -46,7 +48,7 @@ pub(crate) struct Committer {
 }
 
 impl Committer {
-    pub(crate) fn start(kv: Kv) -> Result<Committer> {
+    pub(crate) fn start(kv: Kv, commit_delay: std::time::Duration) -> Result<Committer> {
         let instant = matches!(kv, Kv::Mem(_));
         let shared = Arc::new(Shared {
             applied: AtomicU64::new(0),
@@ -54,6 +56,8 @@ impl Committer {
             wake: Condvar::new(),
             flushed: watch::Sender::new(Flushed::default()),
             instant,
+            flushes: AtomicU64::new(0),
+            commit_delay,
         });
         let thread = if instant {
             None
@@ -71,6 +75,11 @@ impl Committer {
     /// Called after a write is applied (visible); returns its ticket.
     pub(crate) fn applied(&self) -> DurableTicket {
         DurableTicket(self.shared.applied.fetch_add(1, Ordering::AcqRel) + 1)
+    }
+
+    /// Flushes performed so far (group commit shares each among many writes).
+    pub(crate) fn flushes(&self) -> u64 {
+        self.shared.flushes.load(Ordering::Relaxed)
     }
 
     pub(crate) async fn wait(&self, ticket: DurableTicket) -> Result<()> {
@@ -125,10 +134,18 @@ fn flusher(shared: &Shared, kv: &Kv) {
             }
             req.shutdown
         };
+        // Let the group form: writers that are about to apply join this flush
+        // instead of waiting for the next one. sled holds writers back while
+        // it flushes, so without this pause each flush covers a single write.
+        if !shutdown && !shared.commit_delay.is_zero() {
+            std::thread::sleep(shared.commit_delay);
+        }
         // Read the counter *before* flushing: every write numbered up to here
         // was applied before we read it, so this flush covers it.
         let target = shared.applied.load(Ordering::Acquire);
-        match kv.flush() {
+        let result = kv.flush();
+        shared.flushes.fetch_add(1, Ordering::Relaxed);
+        match result {
             Ok(()) => shared.flushed.send_modify(|f| {
                 f.durable = f.durable.max(target);
                 f.failed = None;

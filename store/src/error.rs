@@ -78,10 +78,14 @@ pub enum InvalidRecord {
 impl fmt::Display for InvalidRecord {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            InvalidRecord::Namespace(ns) => write!(f, "namespace {ns:?} must be 1-32 chars of [a-z0-9_-]"),
+            InvalidRecord::Namespace(ns) => {
+                write!(f, "namespace {ns:?} must be 1-32 chars of [a-z0-9_-]")
+            }
             InvalidRecord::Key => f.write_str("key must be 1-512 bytes without NUL"),
             InvalidRecord::Origin => f.write_str("origin id must be 1-64 bytes"),
-            InvalidRecord::Terms => f.write_str("at most 32 index terms of 1-128 bytes without NUL"),
+            InvalidRecord::Terms => {
+                f.write_str("at most 32 index terms of 1-128 bytes without NUL")
+            }
             InvalidRecord::Seq => f.write_str("sequence numbers start at 1"),
         }
     }

@@ -31,7 +31,9 @@ pub struct LocalTree<T> {
 
 impl<T> std::fmt::Debug for LocalTree<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalTree").field("name", &self.name).finish()
+        f.debug_struct("LocalTree")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -120,7 +122,12 @@ impl<T: Serialize + DeserializeOwned> LocalTree<T> {
     }
 
     /// Up to `limit` entries whose key starts with `prefix`, after key `after`.
-    pub fn scan(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<(String, T)>> {
+    pub fn scan(
+        &self,
+        prefix: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, T)>> {
         let from = match after {
             Some(a) => {
                 let mut k = a.as_bytes().to_vec();

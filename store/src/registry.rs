@@ -7,7 +7,7 @@
 //! | prefix | key | value |
 //! |---|---|---|
 //! | `r` | ns `\0` key | encoded [`Record`] |
-//! | `o` | len(origin) origin seq(be64) | ns `\0` key |
+//! | `o` | len(origin) origin seq(be64) ns `\0` key | — |
 //! | `x` | expires(be64) ns `\0` key | — |
 //! | `t` | ns `\0` term `\0` key | — |
 //! | `w` | origin | watermark (be64) |
@@ -71,6 +71,9 @@ pub struct StoreConfig {
     pub cache_bytes: u64,
     /// Source of time.
     pub clock: Clock,
+    /// How long the flusher waits for more writers to join a group commit
+    /// before flushing (adds at most this much to an acknowledged write).
+    pub commit_delay: Duration,
 }
 
 impl Default for StoreConfig {
@@ -79,6 +82,7 @@ impl Default for StoreConfig {
             path: None,
             cache_bytes: 256 * 1024 * 1024,
             clock: Clock::System,
+            commit_delay: Duration::from_micros(500),
         }
     }
 }
@@ -226,7 +230,7 @@ impl Store {
         for (k, v) in reg.prefix_from(b"w", b"w", usize::MAX)? {
             watermarks.insert(OriginId::new(&k[1..]), be64(&v, "watermark")?);
         }
-        let committer = Committer::start(kv.clone())?;
+        let committer = Committer::start(kv.clone(), config.commit_delay)?;
         Ok(Store {
             inner: Arc::new(Inner {
                 kv,
@@ -363,7 +367,7 @@ impl Store {
                 let wm = st.watermarks.get(origin).copied().unwrap_or(0);
                 let prefix = origin_prefix(origin);
                 let held = match self.inner.reg.last_in_prefix(&prefix)? {
-                    Some(k) => be64(&k[prefix.len()..], "origin index")?,
+                    Some(k) => seq_of(&k, prefix.len())?,
                     None => 0,
                 };
                 wm.max(held) + 1
@@ -474,12 +478,11 @@ impl Store {
             let chunk = self.inner.reg.prefix_from(&prefix, &from, 256)?;
             let exhausted = chunk.len() < 256;
             for (k, _) in &chunk {
-                let key = std::str::from_utf8(&k[prefix.len()..]).map_err(|e| {
-                    StoreError::Corrupt {
+                let key =
+                    std::str::from_utf8(&k[prefix.len()..]).map_err(|e| StoreError::Corrupt {
                         context: "term index".into(),
                         reason: e.to_string(),
-                    }
-                })?;
+                    })?;
                 if let Some(r) = self.get(ns, key)? {
                     out.push(r);
                     if out.len() == limit {
@@ -515,24 +518,27 @@ impl Store {
         let mut last_seq = after;
         let mut more = false;
         loop {
-            let chunk = self.inner.reg.prefix_from(&prefix, &from, limit + 1)?;
+            let chunk = self
+                .inner
+                .reg
+                .prefix_from(&prefix, &from, limit.saturating_add(1))?;
             let exhausted = chunk.len() <= limit;
-            for (k, v) in chunk {
+            for (k, _) in chunk {
                 if records.len() == limit {
                     more = true;
                     break;
                 }
-                let seq = be64(&k[prefix.len()..], "origin index")?;
+                let seq = seq_of(&k, prefix.len())?;
                 last_seq = seq;
-                from = k;
-                from.push(0);
-                let (ns, key) = split_ns_key(&v)?;
+                let (ns, key) = split_ns_key(&k[prefix.len() + 8..])?;
                 if let Some(raw) = self.inner.reg.get(&rec_key(ns, key))? {
                     let r = codec::decode_record(&raw)?;
                     if r.origin == *origin && r.seq == seq && !r.is_expired(now) {
                         records.push(r);
                     }
                 }
+                from = k;
+                from.push(0);
             }
             if more || exhausted {
                 break;
@@ -656,13 +662,21 @@ impl Store {
         }
     }
 
+    /// Group-commit flushes performed since open.
+    pub fn flush_count(&self) -> u64 {
+        self.inner.committer.flushes()
+    }
+
     /// Bytes the engine occupies on disk (0 for the memory engine).
     pub fn size_on_disk(&self) -> Result<u64> {
         self.inner.kv.size_on_disk()
     }
 
     /// A typed tree of local-only data (accounts, sessions) that never replicates.
-    pub fn local<T: serde::Serialize + serde::de::DeserializeOwned>(&self, name: &str) -> Result<LocalTree<T>> {
+    pub fn local<T: serde::Serialize + serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<LocalTree<T>> {
         check_ns(name)?;
         let tree = self.inner.kv.tree(&format!("local/{name}"))?;
         Ok(LocalTree::new(name, tree, self.clone()))
@@ -670,7 +684,10 @@ impl Store {
 
     /// A typed tree of local-only secrets, sealed at rest with
     /// XChaCha20-Poly1305 under the key in the data dir's `store.key`.
-    pub fn sealed<T: serde::Serialize + serde::de::DeserializeOwned>(&self, name: &str) -> Result<SealedTree<T>> {
+    pub fn sealed<T: serde::Serialize + serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+    ) -> Result<SealedTree<T>> {
         check_ns(name)?;
         let tree = self.inner.kv.tree(&format!("sealed/{name}"))?;
         Ok(SealedTree::new(
@@ -792,13 +809,13 @@ impl<'a> BatchWriter<'a> {
         }
         let rk = rec_key(&rec.ns, &rec.key);
         let nk = ns_key(&rec.ns, &rec.key);
-        let mut ok = origin_prefix(&rec.origin);
-        ok.extend_from_slice(&rec.seq.to_be_bytes());
-        self.batch.insert(ok, nk.clone());
+        self.batch
+            .insert(origin_key(&rec.origin, rec.seq, &nk), Vec::new());
         self.batch.insert(exp_key(rec.expires_ms, &nk), Vec::new());
         if !rec.deleted {
             for t in &rec.terms {
-                self.batch.insert(term_key(&rec.ns, t, &rec.key), Vec::new());
+                self.batch
+                    .insert(term_key(&rec.ns, t, &rec.key), Vec::new());
             }
         }
         self.batch.insert(rk.clone(), bytes);
@@ -818,7 +835,7 @@ impl<'a> BatchWriter<'a> {
                 let held = seqs.contains(&next) || {
                     let mut k = prefix.clone();
                     k.extend_from_slice(&next.to_be_bytes());
-                    self.reg.get(&k)?.is_some()
+                    !self.reg.prefix_from(&k, &k, 1)?.is_empty()
                 };
                 if !held {
                     break;
@@ -844,9 +861,7 @@ impl<'a> BatchWriter<'a> {
 
 fn remove_indexes(b: &mut Batch, r: &Record) {
     let nk = ns_key(&r.ns, &r.key);
-    let mut ok = origin_prefix(&r.origin);
-    ok.extend_from_slice(&r.seq.to_be_bytes());
-    b.remove(ok);
+    b.remove(origin_key(&r.origin, r.seq, &nk));
     b.remove(exp_key(r.expires_ms, &nk));
     for t in &r.terms {
         b.remove(term_key(&r.ns, t, &r.key));
@@ -890,6 +905,15 @@ fn origin_prefix(origin: &OriginId) -> Vec<u8> {
     k
 }
 
+/// By-origin index key. The record's key is part of it so that even a
+/// misbehaving origin reusing a sequence number cannot make one entry hide another.
+fn origin_key(origin: &OriginId, seq: u64, nk: &[u8]) -> Vec<u8> {
+    let mut k = origin_prefix(origin);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k.extend_from_slice(nk);
+    k
+}
+
 fn wm_key(origin: &OriginId) -> Vec<u8> {
     let mut k = vec![b'w'];
     k.extend_from_slice(&origin.0);
@@ -908,6 +932,11 @@ fn split_ns_key(v: &[u8]) -> Result<(&str, &str)> {
     let ns = std::str::from_utf8(&v[..pos]).map_err(|_| corrupt("namespace not UTF-8"))?;
     let key = std::str::from_utf8(&v[pos + 1..]).map_err(|_| corrupt("key not UTF-8"))?;
     Ok((ns, key))
+}
+
+fn seq_of(origin_index_key: &[u8], prefix_len: usize) -> Result<u64> {
+    let end = (prefix_len + 8).min(origin_index_key.len());
+    be64(&origin_index_key[prefix_len.min(end)..end], "origin index")
 }
 
 fn be64(v: &[u8], context: &str) -> Result<u64> {

@@ -57,7 +57,10 @@ async fn last_writer_wins_on_version_then_origin(h: Harness) {
     let a = rec("server", "k", 1, T0, 1);
     let b = rec("server", "k", 2, T0, 1); // same version, higher origin: wins
     let c = rec("server", "k", 1, T0 - 5, 2); // older version: loses
-    let r = h.store.merge(vec![a.clone(), b.clone(), c.clone(), b.clone()]).unwrap();
+    let r = h
+        .store
+        .merge(vec![a.clone(), b.clone(), c.clone(), b.clone()])
+        .unwrap();
     assert_eq!(
         r.outcomes,
         vec![
@@ -112,7 +115,14 @@ async fn reads_never_return_expired_records(h: Harness) {
     assert!(h.store.get("presence", "n2").unwrap().is_some());
     let scanned = h.store.scan_prefix("presence", "", None, 10).unwrap();
     assert_eq!(scanned.len(), 1);
-    assert!(h.store.records_since(&origin(1), 0, 10).unwrap().records.len() == 1);
+    assert!(
+        h.store
+            .records_since(&origin(1), 0, 10)
+            .unwrap()
+            .records
+            .len()
+            == 1
+    );
     // The sweep removes exactly the expired one, and is idempotent.
     assert_eq!(h.store.sweep_expired(100).unwrap(), 1);
     assert_eq!(h.store.sweep_expired(100).unwrap(), 0);
@@ -168,7 +178,10 @@ async fn term_index_follows_the_held_version(h: Harness) {
     d.terms = vec!["go".into()];
     h.store.originate(vec![d.clone()], &s).await.unwrap();
     assert!(h.store.by_term("profile", "p2p", 10).unwrap().is_empty());
-    assert_eq!(h.store.by_term("profile", "go", 10).unwrap()[0].key, "node-a");
+    assert_eq!(
+        h.store.by_term("profile", "go", 10).unwrap()[0].key,
+        "node-a"
+    );
     assert_eq!(h.store.by_term("profile", "rust", 10).unwrap().len(), 1);
     // A tombstone declares no terms.
     d.deleted = true;
@@ -184,7 +197,10 @@ async fn sync_pages_and_watermarks(h: Harness) {
     h.store.merge(vec![rec("server", "c", 7, T0, 3)]).unwrap();
     assert_eq!(h.store.watermark(&o).unwrap(), 0);
     h.store
-        .merge(vec![rec("server", "a", 7, T0, 1), rec("server", "b", 7, T0, 2)])
+        .merge(vec![
+            rec("server", "a", 7, T0, 1),
+            rec("server", "b", 7, T0, 2),
+        ])
         .unwrap();
     assert_eq!(h.store.watermark(&o).unwrap(), 3);
     // A gap (seq 4 never seen) holds the watermark at 3.
@@ -218,15 +234,30 @@ async fn sync_pages_and_watermarks(h: Harness) {
     want.extend(6..=30);
     assert_eq!(got, want);
     // A superseded record leaves its origin's stream.
-    h.store.merge(vec![rec("server", "k6", 8, T0 + 1, 1)]).unwrap();
+    h.store
+        .merge(vec![rec("server", "k6", 8, T0 + 1, 1)])
+        .unwrap();
     let page = h.store.records_since(&o, 5, 100).unwrap();
     assert_eq!(page.records.first().unwrap().seq, 7);
-    assert_eq!(h.store.records_since(&origin(8), 0, 100).unwrap().records.len(), 1);
+    assert_eq!(
+        h.store
+            .records_since(&origin(8), 0, 100)
+            .unwrap()
+            .records
+            .len(),
+        1
+    );
     // Watermarks persist.
     let h = h.reopen();
     assert_eq!(h.store.watermark(&o).unwrap(), 30);
     assert!(h.store.watermarks().unwrap().contains(&(origin(8), 1)));
-    assert!(h.store.records_since(&o, u64::MAX, 10).unwrap().records.is_empty());
+    assert!(
+        h.store
+            .records_since(&o, u64::MAX, 10)
+            .unwrap()
+            .records
+            .is_empty()
+    );
 }
 
 async fn own_sequence_numbers_never_repeat(h: Harness) {
@@ -322,14 +353,19 @@ async fn local_trees_round_trip(h: Harness) {
 
 async fn sealed_trees_encrypt_and_authenticate(h: Harness) {
     let secrets = h.store.sealed::<String>("secrets").unwrap();
-    let t = secrets.put("jwt", &"very-secret-value".to_string()).unwrap();
+    let t = secrets
+        .put("jwt", &"very-secret-value".to_string())
+        .unwrap();
     h.store.durable(t).await.unwrap();
     let raw = secrets.debug_raw("jwt").unwrap().unwrap();
     assert!(!raw.windows(17).any(|w| w == b"very-secret-value"));
     assert_eq!(secrets.get("jwt").unwrap().unwrap(), "very-secret-value");
     // Moved to another key: refused (the key is bound as associated data).
     let _ = secrets.debug_put_raw("moved", raw.clone()).unwrap();
-    assert!(matches!(secrets.get("moved"), Err(StoreError::Unseal { .. })));
+    assert!(matches!(
+        secrets.get("moved"),
+        Err(StoreError::Unseal { .. })
+    ));
     // Tampered: refused.
     let mut bad = raw.clone();
     let last = bad.len() - 1;
@@ -337,7 +373,10 @@ async fn sealed_trees_encrypt_and_authenticate(h: Harness) {
     let _ = secrets.debug_put_raw("jwt", bad).unwrap();
     assert!(matches!(secrets.get("jwt"), Err(StoreError::Unseal { .. })));
     let _ = secrets.debug_put_raw("short", vec![1, 2, 3]).unwrap();
-    assert!(matches!(secrets.get("short"), Err(StoreError::Unseal { .. })));
+    assert!(matches!(
+        secrets.get("short"),
+        Err(StoreError::Unseal { .. })
+    ));
     // The key survives a restart (sled keeps it in the data dir).
     let _ = secrets.put("jwt", &"v2".to_string()).unwrap();
     drop(secrets);
@@ -347,12 +386,16 @@ async fn sealed_trees_encrypt_and_authenticate(h: Harness) {
 }
 
 async fn corrupt_and_foreign_values_are_typed_errors(h: Harness) {
-    h.store.debug_put_raw("server", "garbage", vec![1, 0xff, 0xfe]).unwrap();
+    h.store
+        .debug_put_raw("server", "garbage", vec![1, 0xff, 0xfe])
+        .unwrap();
     assert!(matches!(
         h.store.get("server", "garbage"),
         Err(StoreError::Corrupt { .. })
     ));
-    h.store.debug_put_raw("server", "future", vec![42, 0xa0]).unwrap();
+    h.store
+        .debug_put_raw("server", "future", vec![42, 0xa0])
+        .unwrap();
     assert!(matches!(
         h.store.get("server", "future"),
         Err(StoreError::UnknownFormat { found: 42, .. })
@@ -363,7 +406,10 @@ async fn corrupt_and_foreign_values_are_typed_errors(h: Harness) {
         Err(StoreError::Corrupt { .. })
     ));
     // A valid record for the key repairs it.
-    let r = h.store.merge(vec![rec("server", "garbage", 1, T0, 1)]).unwrap();
+    let r = h
+        .store
+        .merge(vec![rec("server", "garbage", 1, T0, 1)])
+        .unwrap();
     assert_eq!(r.outcomes, vec![MergeOutcome::Applied]);
     assert!(h.store.get("server", "garbage").unwrap().is_some());
     // A local tree holding a value of another type: typed error, no panic.
@@ -401,7 +447,10 @@ async fn concurrent_durable_writers_all_complete(h: Harness) {
             let s = TestSigner(origin(1));
             for i in 0..20 {
                 store
-                    .originate(vec![draft("server", &format!("w{w}/{i}"), b"x", T0 + HOUR)], &s)
+                    .originate(
+                        vec![draft("server", &format!("w{w}/{i}"), b"x", T0 + HOUR)],
+                        &s,
+                    )
                     .await
                     .unwrap();
             }
@@ -414,7 +463,13 @@ async fn concurrent_durable_writers_all_complete(h: Harness) {
             .unwrap();
     }
     let h = h.reopen();
-    assert_eq!(h.store.scan_prefix("server", "w", None, 10_000).unwrap().len(), 64 * 20);
+    assert_eq!(
+        h.store
+            .scan_prefix("server", "w", None, 10_000)
+            .unwrap()
+            .len(),
+        64 * 20
+    );
     assert_eq!(h.store.watermark(&origin(1)).unwrap(), 64 * 20);
 }
 

@@ -78,6 +78,7 @@ impl Harness {
             path: dir.as_ref().map(|d| d.path().to_path_buf()),
             clock: clock.clone(),
             cache_bytes: 64 << 20,
+            ..StoreConfig::default()
         })
         .unwrap();
         Harness {
@@ -103,6 +104,7 @@ impl Harness {
                     path: Some(d.path().to_path_buf()),
                     clock: clock.clone(),
                     cache_bytes: 64 << 20,
+            ..StoreConfig::default()
                 })
                 .unwrap()
             }
