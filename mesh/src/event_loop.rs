@@ -1,0 +1,1187 @@
+//! The event loop: the one task that owns the `Swarm`. It executes the
+//! handle's commands, reacts to swarm events (gossip, DHT, sync, identify,
+//! connections), runs anti-entropy sessions, redials known peers and feeds
+//! this hub's records into the DHT. Heavy store work (building and merging
+//! sync pages) runs on the blocking pool and reports back over a bounded
+//! channel, so the swarm is never stalled by it.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use futures::{FutureExt, StreamExt};
+use hubmesh_store::{MergeOutcome, OriginId, Record, Store, codec};
+use libp2p::core::ConnectedPoint;
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance};
+use libp2p::kad::{self, GetRecordOk, QueryId, QueryResult, Quorum, RecordKey};
+use libp2p::multiaddr::Protocol;
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{ConnectionId, SwarmEvent};
+use libp2p::{Multiaddr, PeerId, Swarm, identify, ping};
+use serde_bytes::ByteBuf;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::behaviour::{Behaviour, BehaviourEvent};
+use crate::error::MeshError;
+use crate::events::{EventSink, MeshEvent};
+use crate::kad_store::to_kad_record;
+use crate::peers::PeerBook;
+use crate::protocol::{
+    MAX_PAGE_BYTES, MAX_PAGE_RECORDS, MAX_SYNC_ORIGINS, Names, SyncRequest, SyncResponse,
+};
+use crate::validate::{Validator, dht_key};
+
+/// What one connected hub looks like to the owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The hub.
+    pub peer: PeerId,
+    /// Its addresses: listen addresses it announced, else the connection's.
+    pub addrs: Vec<Multiaddr>,
+    /// The last ping round trip, if one completed.
+    pub rtt: Option<Duration>,
+}
+
+/// A request from the handle. Every variant carries its reply channel.
+#[derive(Debug)]
+pub(crate) enum Command {
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Publish {
+        records: Vec<Record>,
+        gossip: bool,
+        dht: bool,
+        reply: Option<oneshot::Sender<()>>,
+    },
+    Lookup {
+        ns: String,
+        key: String,
+        reply: oneshot::Sender<Result<Option<Record>, MeshError>>,
+    },
+    Peers(oneshot::Sender<Vec<PeerInfo>>),
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<(), MeshError>>,
+    },
+    SyncNow(oneshot::Sender<()>),
+    SetBlocked {
+        peers: BTreeSet<PeerId>,
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Results of work done off the event loop.
+#[derive(Debug)]
+enum Job {
+    /// A sync page we pulled was validated and merged.
+    PageMerged {
+        peer: PeerId,
+        origin: OriginId,
+        applied: usize,
+        invalid: usize,
+        next_after: Option<u64>,
+        watermark: u64,
+    },
+    /// A page a peer asked for is ready to send.
+    PageBuilt {
+        channel: ResponseChannel<SyncResponse>,
+        response: SyncResponse,
+    },
+}
+
+/// An anti-entropy round with one peer: the origins it has more of, pulled
+/// one after the other, page by page.
+#[derive(Debug, Default)]
+struct SyncSession {
+    queue: VecDeque<(OriginId, u64)>,
+    /// The origin being pulled.
+    current: Option<Pulling>,
+    pulled: usize,
+    /// Another round was asked for while this one ran.
+    again: bool,
+    /// A request of this session is in flight (or a page is being merged).
+    busy: bool,
+}
+
+/// The origin a sync session is pulling.
+#[derive(Debug, Clone)]
+struct Pulling {
+    origin: OriginId,
+    /// `after` of the request in flight.
+    after: u64,
+    /// A page held invalid records: the watermark is then not advanced.
+    tainted: bool,
+}
+
+#[derive(Debug)]
+struct Conn {
+    id: ConnectionId,
+    remote: Multiaddr,
+    dialer_is_me: bool,
+}
+
+/// A DHT lookup awaiting its result: namespace, key and the caller's reply.
+type PendingLookup = (
+    String,
+    String,
+    oneshot::Sender<Result<Option<Record>, MeshError>>,
+);
+
+/// Invalid records from one peer before it is disconnected and banned.
+const STRIKE_LIMIT: u32 = 10;
+/// How long a peer that sent too many invalid records is refused.
+const BAN_TIME: Duration = Duration::from_secs(600);
+/// Most DHT put queries in flight; further records wait in a bounded queue.
+const MAX_DHT_PUTS_IN_FLIGHT: usize = 8;
+/// Most records waiting for a DHT put (beyond: dropped, anti-entropy covers).
+const MAX_DHT_PUT_QUEUE: usize = 16 * 1024;
+/// Most DHT lookups in flight.
+const MAX_LOOKUPS: usize = 256;
+/// Most dials awaiting a reply.
+const MAX_PENDING_DIALS: usize = 256;
+/// Most store jobs on the blocking pool at once (sync pages).
+const MAX_JOBS: usize = 16;
+/// Swarm events handled before pending merges are flushed.
+const MAX_EVENT_BATCH: usize = 256;
+/// Sync retries after a failed request while the peer stays connected.
+const MAX_SYNC_RETRIES: u8 = 3;
+
+pub(crate) struct EventLoop {
+    pub(crate) swarm: Swarm<Behaviour>,
+    pub(crate) commands: mpsc::Receiver<Command>,
+    pub(crate) sink: EventSink,
+    pub(crate) store: Store,
+    pub(crate) validator: Validator,
+    pub(crate) names: Names,
+    pub(crate) topic: IdentTopic,
+    pub(crate) local: PeerId,
+    pub(crate) book: PeerBook,
+    pub(crate) sync_interval: Duration,
+    pub(crate) cancel: CancellationToken,
+    pub(crate) signals: std::sync::Arc<crate::signal::SignalRelay>,
+    conns: HashMap<PeerId, Vec<Conn>>,
+    listen_addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    rtts: HashMap<PeerId, Duration>,
+    sessions: HashMap<PeerId, SyncSession>,
+    sync_requests: HashMap<OutboundRequestId, PeerId>,
+    sync_retries: HashMap<PeerId, u8>,
+    jobs_tx: mpsc::Sender<Job>,
+    jobs_rx: mpsc::Receiver<Job>,
+    jobs_in_flight: usize,
+    lookups: HashMap<QueryId, PendingLookup>,
+    pending_dials: HashMap<ConnectionId, oneshot::Sender<Result<(), MeshError>>>,
+    strikes: HashMap<PeerId, u32>,
+    pending_merge: Vec<Record>,
+    dht_queue: VecDeque<Record>,
+    dht_puts: usize,
+    /// Cursor over own records still to re-put into the DHT after a start.
+    republish: Option<u64>,
+    republish_started: bool,
+}
+
+impl EventLoop {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        swarm: Swarm<Behaviour>,
+        commands: mpsc::Receiver<Command>,
+        sink: EventSink,
+        store: Store,
+        validator: Validator,
+        names: Names,
+        book: PeerBook,
+        sync_interval: Duration,
+        cancel: CancellationToken,
+        signals: std::sync::Arc<crate::signal::SignalRelay>,
+    ) -> Self {
+        let (jobs_tx, jobs_rx) = mpsc::channel(MAX_JOBS * 2);
+        let local = *swarm.local_peer_id();
+        let topic = IdentTopic::new(names.topic.clone());
+        EventLoop {
+            swarm,
+            commands,
+            sink,
+            store,
+            validator,
+            names,
+            topic,
+            local,
+            book,
+            sync_interval,
+            cancel,
+            signals,
+            conns: HashMap::new(),
+            listen_addrs: HashMap::new(),
+            rtts: HashMap::new(),
+            sessions: HashMap::new(),
+            sync_requests: HashMap::new(),
+            sync_retries: HashMap::new(),
+            jobs_tx,
+            jobs_rx,
+            jobs_in_flight: 0,
+            lookups: HashMap::new(),
+            pending_dials: HashMap::new(),
+            strikes: HashMap::new(),
+            pending_merge: Vec::new(),
+            dht_queue: VecDeque::new(),
+            dht_puts: 0,
+            republish: None,
+            republish_started: false,
+        }
+    }
+
+    /// Runs until cancelled or every handle is dropped.
+    pub(crate) async fn run(mut self) {
+        let mut sync_tick =
+            tokio::time::interval(self.sync_interval.max(Duration::from_millis(100)));
+        sync_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        sync_tick.tick().await; // the first tick is immediate; connections trigger their own sync
+        let mut maintenance = tokio::time::interval(Duration::from_millis(500));
+        maintenance.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => break,
+                event = self.swarm.select_next_some() => {
+                    self.on_swarm_event(event);
+                    // Drain whatever else is ready, then merge it as one batch.
+                    for _ in 1..MAX_EVENT_BATCH {
+                        match self.swarm.select_next_some().now_or_never() {
+                            Some(event) => self.on_swarm_event(event),
+                            None => break,
+                        }
+                    }
+                    self.flush_merges();
+                }
+                Some(job) = self.jobs_rx.recv() => {
+                    self.jobs_in_flight = self.jobs_in_flight.saturating_sub(1);
+                    self.on_job(job);
+                }
+                command = self.commands.recv() => match command {
+                    Some(command) => self.on_command(command),
+                    None => break,
+                },
+                _ = sync_tick.tick() => {
+                    let peers: Vec<PeerId> = self.conns.keys().copied().collect();
+                    for peer in peers {
+                        self.start_sync(peer);
+                    }
+                }
+                _ = maintenance.tick() => self.maintain(),
+            }
+        }
+        self.close().await;
+    }
+
+    /// Closes every connection and lets the close frames go out.
+    async fn close(&mut self) {
+        if let Err(e) = self.book.save_if_dirty() {
+            tracing::warn!(error = %e, "cannot save the peer book");
+        }
+        let peers: Vec<PeerId> = self.conns.keys().copied().collect();
+        for peer in peers {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+        while !self.conns.is_empty() {
+            match tokio::time::timeout_at(deadline, self.swarm.select_next_some()).await {
+                Ok(SwarmEvent::ConnectionClosed {
+                    peer_id,
+                    connection_id,
+                    ..
+                }) => self.forget_connection(peer_id, connection_id),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        for (_, (_, _, reply)) in self.lookups.drain() {
+            let _ = reply.send(Err(MeshError::Closed));
+        }
+    }
+
+    fn forget_connection(&mut self, peer: PeerId, id: ConnectionId) {
+        if let Some(list) = self.conns.get_mut(&peer) {
+            list.retain(|c| c.id != id);
+            if list.is_empty() {
+                self.conns.remove(&peer);
+            }
+        }
+    }
+
+    // ----- commands -------------------------------------------------------
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::ListenAddrs(reply) => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::Publish {
+                records,
+                gossip,
+                dht,
+                reply,
+            } => {
+                for record in records {
+                    if gossip {
+                        self.gossip(&record);
+                    }
+                    if dht {
+                        self.queue_dht_put(record);
+                    }
+                }
+                self.pump_dht_puts();
+                if let Some(reply) = reply {
+                    let _ = reply.send(());
+                }
+            }
+            Command::Lookup { ns, key, reply } => {
+                if self.lookups.len() >= MAX_LOOKUPS {
+                    let _ = reply.send(Err(MeshError::Dht("too many lookups in flight".into())));
+                    return;
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_record(RecordKey::new(&dht_key(&ns, &key)));
+                self.lookups.insert(id, (ns, key, reply));
+            }
+            Command::Peers(reply) => {
+                let peers = self
+                    .conns
+                    .iter()
+                    .map(|(peer, conns)| PeerInfo {
+                        peer: *peer,
+                        addrs: match self.listen_addrs.get(peer) {
+                            Some(a) if !a.is_empty() => a.clone(),
+                            _ => conns.iter().map(|c| c.remote.clone()).collect(),
+                        },
+                        rtt: self.rtts.get(peer).copied(),
+                    })
+                    .collect();
+                let _ = reply.send(peers);
+            }
+            Command::Dial { addr, reply } => self.dial_addr(addr, Some(reply)),
+            Command::SyncNow(reply) => {
+                let peers: Vec<PeerId> = self.conns.keys().copied().collect();
+                for peer in peers {
+                    self.start_sync(peer);
+                }
+                let _ = reply.send(());
+            }
+            Command::SetBlocked { peers, reply } => {
+                let heal = peers.is_empty();
+                for peer in &peers {
+                    if self.conns.contains_key(peer) {
+                        let _ = self.swarm.disconnect_peer_id(*peer);
+                    }
+                    self.signals.forget(peer);
+                }
+                self.swarm.behaviour_mut().gate.set_blocked(peers);
+                if heal {
+                    self.book.reset_backoff();
+                    self.maintain();
+                }
+                let _ = reply.send(());
+            }
+        }
+    }
+
+    /// Dials `addr` unless its peer is already connected (or being dialled).
+    pub(crate) fn dial_addr(
+        &mut self,
+        addr: Multiaddr,
+        reply: Option<oneshot::Sender<Result<(), MeshError>>>,
+    ) {
+        let peer = match addr.iter().last() {
+            Some(Protocol::P2p(peer)) => Some(peer),
+            _ => None,
+        };
+        let opts = match peer {
+            Some(peer) => {
+                if self.conns.contains_key(&peer) {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Ok(()));
+                    }
+                    return;
+                }
+                let mut plain = addr.clone();
+                plain.pop();
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer, plain.clone());
+                DialOpts::peer_id(peer)
+                    .addresses(vec![plain])
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build()
+            }
+            None => DialOpts::unknown_peer_id().address(addr).build(),
+        };
+        let id = opts.connection_id();
+        match self.swarm.dial(opts) {
+            Ok(()) => {
+                if let Some(reply) = reply {
+                    if self.pending_dials.len() >= MAX_PENDING_DIALS {
+                        let _ = reply.send(Err(MeshError::Dial("too many dials in flight".into())));
+                    } else {
+                        self.pending_dials.insert(id, reply);
+                    }
+                }
+            }
+            Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {
+                if let Some(reply) = reply {
+                    // Already dialling: report success optimistically; the
+                    // connection events tell the rest.
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(MeshError::Dial(e.to_string())));
+                }
+            }
+        }
+    }
+
+    // ----- publishing -----------------------------------------------------
+
+    fn gossip(&mut self, record: &Record) {
+        let bytes = match codec::encode_record(record) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "not publishing an unencodable record");
+                return;
+            }
+        };
+        match self
+            .swarm
+            .behaviour_mut()
+            .gossip
+            .publish(self.topic.clone(), bytes)
+        {
+            Ok(_) => {}
+            Err(gossipsub::PublishError::Duplicate)
+            | Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {}
+            Err(e) => {
+                tracing::debug!(error = %e, "gossip publish failed (anti-entropy will cover)")
+            }
+        }
+    }
+
+    fn queue_dht_put(&mut self, record: Record) {
+        if self.dht_queue.len() >= MAX_DHT_PUT_QUEUE {
+            tracing::debug!("DHT put queue full; anti-entropy will cover");
+            return;
+        }
+        self.dht_queue.push_back(record);
+    }
+
+    fn pump_dht_puts(&mut self) {
+        while self.dht_puts < MAX_DHT_PUTS_IN_FLIGHT {
+            let Some(record) = self.dht_queue.pop_front() else {
+                break;
+            };
+            let bytes = match codec::encode_record(&record) {
+                Ok(b) => b,
+                Err(_) => continue,
+            };
+            let key = RecordKey::new(&dht_key(&record.ns, &record.key));
+            let Some(kad_record) = to_kad_record(key, bytes, self.store.clock().now_ms()) else {
+                continue;
+            };
+            match self
+                .swarm
+                .behaviour_mut()
+                .kad
+                .put_record(kad_record, Quorum::One)
+            {
+                Ok(_) => self.dht_puts += 1,
+                Err(e) => tracing::debug!(error = %e, "DHT put refused locally"),
+            }
+        }
+    }
+
+    // ----- periodic work --------------------------------------------------
+
+    fn maintain(&mut self) {
+        // Redial known peers that are not connected (with backoff).
+        let due = self
+            .book
+            .due(Instant::now(), |p| self.conns.contains_key(p));
+        for (peer, addrs) in due {
+            if !self.swarm.behaviour().gate.allows(&peer) {
+                continue;
+            }
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            let _ = self.swarm.dial(opts);
+        }
+        if let Err(e) = self.book.save_if_dirty() {
+            tracing::warn!(error = %e, "cannot save the peer book");
+        }
+        // Re-put own records after a start, a page at a time.
+        if let Some(after) = self.republish
+            && self.dht_queue.len() < MAX_PAGE_RECORDS
+        {
+            let own = OriginId::new(self.local.to_bytes());
+            match self.store.records_since(&own, after, 64) {
+                Ok(page) => {
+                    for r in page.records {
+                        self.queue_dht_put(r);
+                    }
+                    self.republish = page.next_after;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read own records to re-put");
+                    self.republish = None;
+                }
+            }
+            self.pump_dht_puts();
+        }
+    }
+
+    // ----- swarm events ---------------------------------------------------
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::Behaviour(BehaviourEvent::Gossip(e)) => self.on_gossip(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.on_kad(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Sync(e)) => self.on_sync(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => self.on_identify(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            })) if self.conns.contains_key(&peer) => {
+                self.rtts.insert(peer, rtt);
+            }
+            SwarmEvent::Behaviour(_) => {}
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
+                let (remote, dialer_is_me) = match &endpoint {
+                    ConnectedPoint::Dialer { address, .. } => (address.clone(), true),
+                    ConnectedPoint::Listener { send_back_addr, .. } => {
+                        (send_back_addr.clone(), false)
+                    }
+                };
+                if dialer_is_me {
+                    let mut plain = remote.clone();
+                    if matches!(plain.iter().last(), Some(Protocol::P2p(_))) {
+                        plain.pop();
+                    }
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, plain);
+                }
+                self.conns.entry(peer_id).or_default().push(Conn {
+                    id: connection_id,
+                    remote,
+                    dialer_is_me,
+                });
+                if let Some(reply) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Ok(()));
+                }
+                if num_established.get() == 1 {
+                    tracing::debug!(local = %self.local, peer = %peer_id, "peer joined");
+                    self.sink.emit(MeshEvent::PeerJoined(peer_id));
+                    self.start_sync(peer_id);
+                } else {
+                    self.dedupe_connections(peer_id);
+                }
+                if !self.republish_started {
+                    self.republish_started = true;
+                    self.republish = Some(0);
+                }
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                ..
+            } => {
+                self.forget_connection(peer_id, connection_id);
+                if num_established == 0 {
+                    tracing::debug!(local = %self.local, peer = %peer_id, "peer left");
+                    self.conns.remove(&peer_id);
+                    self.rtts.remove(&peer_id);
+                    self.listen_addrs.remove(&peer_id);
+                    self.sessions.remove(&peer_id);
+                    self.signals.forget(&peer_id);
+                    self.sink.emit(MeshEvent::PeerLeft(peer_id));
+                }
+            }
+            SwarmEvent::OutgoingConnectionError {
+                connection_id,
+                error,
+                ..
+            } => {
+                if let Some(reply) = self.pending_dials.remove(&connection_id) {
+                    let _ = reply.send(Err(MeshError::Dial(error.to_string())));
+                }
+            }
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::debug!(%address, "listening");
+            }
+            _ => {}
+        }
+    }
+
+    /// Two connections to one peer (a simultaneous dial): both ends keep the
+    /// one dialled by the smaller PeerId and close the other, so they agree.
+    fn dedupe_connections(&mut self, peer: PeerId) {
+        let Some(conns) = self.conns.get(&peer) else {
+            return;
+        };
+        if conns.len() < 2 {
+            return;
+        }
+        let want_mine = self.local < peer;
+        let keep = conns
+            .iter()
+            .find(|c| c.dialer_is_me == want_mine)
+            .or_else(|| conns.first())
+            .map(|c| c.id);
+        let close: Vec<ConnectionId> = conns
+            .iter()
+            .filter(|c| Some(c.id) != keep)
+            .map(|c| c.id)
+            .collect();
+        for id in close {
+            self.swarm.close_connection(id);
+        }
+    }
+
+    fn on_identify(&mut self, event: identify::Event) {
+        if let identify::Event::Received { peer_id, info, .. } = event {
+            if info.protocol_version != self.names.identify {
+                tracing::info!(peer = %peer_id, version = %info.protocol_version, "peer of another federation; disconnecting");
+                let _ = self.swarm.disconnect_peer_id(peer_id);
+                return;
+            }
+            let addrs: Vec<Multiaddr> = info
+                .listen_addrs
+                .into_iter()
+                .take(crate::peers::MAX_ADDRS)
+                .collect();
+            for a in &addrs {
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer_id, a.clone());
+            }
+            self.book
+                .note(peer_id, addrs.clone(), self.store.clock().now_ms());
+            self.listen_addrs.insert(peer_id, addrs);
+        }
+    }
+
+    /// Counts invalid records against `peer`; past the limit it is
+    /// disconnected and refused for a while.
+    fn strike(&mut self, peer: PeerId, n: u32) {
+        if peer == self.local || n == 0 {
+            return;
+        }
+        let count = self.strikes.entry(peer).or_default();
+        *count += n;
+        if *count >= STRIKE_LIMIT {
+            self.strikes.remove(&peer);
+            tracing::warn!(%peer, "too many invalid records; banning the peer");
+            self.swarm
+                .behaviour_mut()
+                .gate
+                .ban(peer, Instant::now() + BAN_TIME);
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        if self.strikes.len() > 4096 {
+            self.strikes.clear();
+        }
+    }
+
+    // ----- gossip ---------------------------------------------------------
+
+    fn on_gossip(&mut self, event: gossipsub::Event) {
+        let gossipsub::Event::Message {
+            propagation_source,
+            message_id,
+            message,
+        } = event
+        else {
+            return;
+        };
+        let acceptance = if message.topic != self.topic.hash() {
+            MessageAcceptance::Ignore
+        } else {
+            match self.check_gossip(&message.data) {
+                Ok(Some(record)) => {
+                    self.pending_merge.push(record);
+                    MessageAcceptance::Accept
+                }
+                Ok(None) => MessageAcceptance::Accept,
+                Err(e) => {
+                    tracing::debug!(peer = %propagation_source, error = %e, "rejecting gossiped record");
+                    self.strike(propagation_source, 1);
+                    MessageAcceptance::Reject
+                }
+            }
+        };
+        self.swarm
+            .behaviour_mut()
+            .gossip
+            .report_message_validation_result(&message_id, &propagation_source, acceptance);
+    }
+
+    /// `Ok(None)`: the exact record is already held (it was validated when
+    /// stored), so its signature is not checked again.
+    fn check_gossip(&self, data: &[u8]) -> Result<Option<Record>, crate::ValidationError> {
+        let record = codec::decode_record(data)
+            .map_err(|e| crate::ValidationError::Malformed(e.to_string()))?;
+        if let Ok(Some(held)) = self.store.get_raw(&record.ns, &record.key)
+            && held == data
+        {
+            return Ok(None);
+        }
+        self.validator.validate(&record)?;
+        Ok(Some(record))
+    }
+
+    fn flush_merges(&mut self) {
+        if self.pending_merge.is_empty() {
+            return;
+        }
+        let records = std::mem::take(&mut self.pending_merge);
+        merge_and_report(&self.store, &self.sink, records);
+    }
+
+    // ----- DHT ------------------------------------------------------------
+
+    fn on_kad(&mut self, event: kad::Event) {
+        match event {
+            kad::Event::InboundRequest {
+                request:
+                    kad::InboundRequest::PutRecord {
+                        source,
+                        record: Some(record),
+                        ..
+                    },
+            } => match self
+                .validator
+                .validate_dht(record.key.as_ref(), &record.value)
+            {
+                Ok(r) => self.pending_merge.push(r),
+                Err(e) => {
+                    tracing::debug!(peer = %source, error = %e, "rejecting DHT put");
+                    self.strike(source, 1);
+                }
+            },
+            kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            } => match result {
+                QueryResult::GetRecord(Ok(GetRecordOk::FoundRecord(found))) => {
+                    self.on_found_record(id, found);
+                    if step.last {
+                        self.finish_lookup(id);
+                    }
+                }
+                QueryResult::GetRecord(_) => self.finish_lookup(id),
+                QueryResult::PutRecord(result) => {
+                    self.dht_puts = self.dht_puts.saturating_sub(1);
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, "DHT put did not reach a quorum");
+                    }
+                    self.pump_dht_puts();
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+
+    fn on_found_record(&mut self, id: QueryId, found: kad::PeerRecord) {
+        let Some((ns, key, _)) = self.lookups.get(&id) else {
+            return;
+        };
+        let wanted = dht_key(ns, key);
+        if found.record.key.as_ref() != wanted.as_slice() {
+            return;
+        }
+        match self.validator.validate_dht(&wanted, &found.record.value) {
+            Ok(record) => {
+                merge_and_report(&self.store, &self.sink, vec![record]);
+                if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                    q.finish();
+                }
+                self.finish_lookup(id);
+            }
+            Err(e) => {
+                tracing::debug!(peer = ?found.peer, error = %e, "invalid DHT lookup result");
+                if let Some(peer) = found.peer {
+                    self.strike(peer, 1);
+                }
+            }
+        }
+    }
+
+    fn finish_lookup(&mut self, id: QueryId) {
+        if let Some((ns, key, reply)) = self.lookups.remove(&id) {
+            let _ = reply.send(self.store.get(&ns, &key).map_err(MeshError::from));
+        }
+    }
+
+    // ----- anti-entropy ---------------------------------------------------
+
+    fn start_sync(&mut self, peer: PeerId) {
+        if !self.conns.contains_key(&peer) {
+            return;
+        }
+        if let Some(s) = self.sessions.get_mut(&peer) {
+            s.again = true;
+            return;
+        }
+        let mut marks = match self.store.watermarks() {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read watermarks");
+                return;
+            }
+        };
+        marks.truncate(MAX_SYNC_ORIGINS);
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .sync
+            .send_request(&peer, SyncRequest::Watermarks(marks));
+        self.sync_requests.insert(id, peer);
+        self.sessions.insert(
+            peer,
+            SyncSession {
+                busy: true,
+                ..SyncSession::default()
+            },
+        );
+    }
+
+    fn on_sync(&mut self, event: request_response::Event<SyncRequest, SyncResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => self.on_sync_request(peer, request, channel),
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if self.sync_requests.remove(&request_id).is_some() {
+                        self.on_sync_response(peer, response);
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                peer,
+                request_id,
+                error,
+                ..
+            } => {
+                if self.sync_requests.remove(&request_id).is_some() {
+                    tracing::debug!(%peer, %error, "sync request failed");
+                    self.sessions.remove(&peer);
+                    let retries = self.sync_retries.entry(peer).or_default();
+                    if *retries < MAX_SYNC_RETRIES {
+                        *retries += 1;
+                        self.start_sync(peer);
+                    }
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "inbound sync request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_sync_request(
+        &mut self,
+        peer: PeerId,
+        request: SyncRequest,
+        channel: ResponseChannel<SyncResponse>,
+    ) {
+        match request {
+            SyncRequest::Watermarks(theirs) => {
+                let response = match behind(&self.store, theirs) {
+                    Ok(list) => SyncResponse::Behind(list),
+                    Err(e) => SyncResponse::Refused(e.to_string()),
+                };
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .sync
+                    .send_response(channel, response);
+            }
+            SyncRequest::Pull { origin, after } => {
+                if self.jobs_in_flight >= MAX_JOBS {
+                    tracing::debug!(%peer, "busy; refusing a sync pull");
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .sync
+                        .send_response(channel, SyncResponse::Refused("busy".into()));
+                    return;
+                }
+                self.jobs_in_flight += 1;
+                let store = self.store.clone();
+                let tx = self.jobs_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let response = build_page(&store, &origin, after);
+                    let _ = tx.blocking_send(Job::PageBuilt { channel, response });
+                });
+            }
+        }
+    }
+
+    fn on_sync_response(&mut self, peer: PeerId, response: SyncResponse) {
+        match response {
+            SyncResponse::Behind(list) => {
+                if let Some(s) = self.sessions.get_mut(&peer) {
+                    s.queue = list.into_iter().take(MAX_SYNC_ORIGINS).collect();
+                    s.busy = false;
+                }
+                self.pull_next(peer);
+            }
+            SyncResponse::Page {
+                records,
+                next_after,
+                watermark,
+            } => {
+                let Some(s) = self.sessions.get(&peer) else {
+                    return;
+                };
+                let Some(origin) = s.current.as_ref().map(|c| c.origin.clone()) else {
+                    return;
+                };
+                self.jobs_in_flight += 1;
+                let store = self.store.clone();
+                let validator = self.validator.clone();
+                let sink = self.sink.clone();
+                let tx = self.jobs_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let (applied, invalid) =
+                        merge_page(&store, &validator, &sink, &origin, records);
+                    let _ = tx.blocking_send(Job::PageMerged {
+                        peer,
+                        origin,
+                        applied,
+                        invalid,
+                        next_after,
+                        watermark,
+                    });
+                });
+            }
+            SyncResponse::Refused(reason) => {
+                tracing::debug!(%peer, %reason, "peer refused a sync request");
+                self.sessions.remove(&peer);
+            }
+        }
+    }
+
+    fn on_job(&mut self, job: Job) {
+        match job {
+            Job::PageBuilt { channel, response } => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .sync
+                    .send_response(channel, response);
+            }
+            Job::PageMerged {
+                peer,
+                origin,
+                applied,
+                invalid,
+                next_after,
+                watermark,
+            } => {
+                if invalid > 0 {
+                    self.strike(peer, invalid as u32);
+                }
+                let connected = self.conns.contains_key(&peer);
+                let Some(s) = self.sessions.get_mut(&peer) else {
+                    return;
+                };
+                let Some(cur) = s.current.as_mut() else {
+                    return;
+                };
+                if cur.origin != origin {
+                    return;
+                }
+                s.pulled += applied;
+                cur.tainted |= invalid > 0;
+                match next_after {
+                    // A next page must make progress, or the peer is looping us.
+                    Some(next) if next > cur.after && connected => {
+                        cur.after = next;
+                        let id = self.swarm.behaviour_mut().sync.send_request(
+                            &peer,
+                            SyncRequest::Pull {
+                                origin,
+                                after: next,
+                            },
+                        );
+                        self.sync_requests.insert(id, peer);
+                    }
+                    _ => {
+                        if !cur.tainted && next_after.is_none() {
+                            // Every page read: we now hold what the peer held.
+                            if let Err(e) = self.store.advance_watermark(&origin, watermark) {
+                                tracing::warn!(error = %e, "cannot advance a watermark");
+                            }
+                        }
+                        s.current = None;
+                        s.busy = false;
+                        self.pull_next(peer);
+                    }
+                }
+            }
+        }
+    }
+
+    fn pull_next(&mut self, peer: PeerId) {
+        let Some(s) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        if s.busy {
+            return;
+        }
+        match s.queue.pop_front() {
+            Some((origin, _theirs)) => {
+                let after = self.store.watermark(&origin).unwrap_or(0);
+                s.current = Some(Pulling {
+                    origin: origin.clone(),
+                    after,
+                    tainted: false,
+                });
+                s.busy = true;
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .sync
+                    .send_request(&peer, SyncRequest::Pull { origin, after });
+                self.sync_requests.insert(id, peer);
+            }
+            None => {
+                let again = s.again;
+                let pulled = s.pulled;
+                self.sessions.remove(&peer);
+                self.sync_retries.remove(&peer);
+                tracing::debug!(local = %self.local, %peer, pulled, "sync finished");
+                self.sink.emit(MeshEvent::SyncFinished { peer, pulled });
+                if again {
+                    self.start_sync(peer);
+                }
+            }
+        }
+    }
+}
+
+/// Merges validated records and reports each applied one.
+fn merge_and_report(store: &Store, sink: &EventSink, records: Vec<Record>) -> usize {
+    match store.merge(records.clone()) {
+        Ok(report) => {
+            let mut applied = 0;
+            for (outcome, record) in report.outcomes.into_iter().zip(records) {
+                if outcome == MergeOutcome::Applied {
+                    applied += 1;
+                    sink.emit(MeshEvent::RecordAccepted(record));
+                }
+            }
+            applied
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "merging inbound records failed");
+            0
+        }
+    }
+}
+
+/// The origins we hold more of than the requester: ours above theirs, or
+/// records beyond their watermark even if our own watermark is not higher.
+fn behind(
+    store: &Store,
+    theirs: Vec<(OriginId, u64)>,
+) -> hubmesh_store::Result<Vec<(OriginId, u64)>> {
+    let theirs: HashMap<OriginId, u64> = theirs.into_iter().collect();
+    let mut out = Vec::new();
+    for (origin, mine) in store.watermarks()? {
+        let their = theirs.get(&origin).copied().unwrap_or(0);
+        if mine > their || !store.records_since(&origin, their, 1)?.records.is_empty() {
+            out.push((origin, mine));
+            if out.len() == MAX_SYNC_ORIGINS {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One page of `origin`'s records after `after`, within the page limits.
+fn build_page(store: &Store, origin: &OriginId, after: u64) -> SyncResponse {
+    let page = match store.records_since(origin, after, MAX_PAGE_RECORDS) {
+        Ok(p) => p,
+        Err(e) => return SyncResponse::Refused(e.to_string()),
+    };
+    let mut records = Vec::with_capacity(page.records.len());
+    let mut bytes = 0;
+    let mut next_after = page.next_after;
+    let mut last_seq = None;
+    for r in &page.records {
+        let Ok(enc) = codec::encode_record(r) else {
+            continue;
+        };
+        if bytes + enc.len() > MAX_PAGE_BYTES
+            && let Some(seq) = last_seq
+        {
+            // Byte budget spent: resume after the last record sent.
+            next_after = Some(seq);
+            break;
+        }
+        bytes += enc.len();
+        last_seq = Some(r.seq);
+        records.push(ByteBuf::from(enc));
+    }
+    SyncResponse::Page {
+        records,
+        next_after,
+        watermark: page.watermark,
+    }
+}
+
+/// Validates and merges one pulled page; returns (applied, invalid).
+fn merge_page(
+    store: &Store,
+    validator: &Validator,
+    sink: &EventSink,
+    origin: &OriginId,
+    records: Vec<ByteBuf>,
+) -> (usize, usize) {
+    let mut valid = Vec::with_capacity(records.len());
+    let mut invalid = 0;
+    for bytes in records {
+        match validator.validate_bytes(&bytes) {
+            Ok(r) if r.origin == *origin => valid.push(r),
+            Ok(_) => invalid += 1,
+            Err(e) => {
+                tracing::debug!(error = %e, "invalid record in a sync page");
+                invalid += 1;
+            }
+        }
+    }
+    let applied = if valid.is_empty() {
+        0
+    } else {
+        merge_and_report(store, sink, valid)
+    };
+    (applied, invalid)
+}

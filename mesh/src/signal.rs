@@ -1,0 +1,198 @@
+//! Signal relay: opaque payloads from this hub to a named hub, over one
+//! long-lived QUIC stream per (sender, target) pair (`libp2p-stream`), each
+//! payload one frame of a 4-byte big-endian length followed by the bytes
+//! (at most [`MAX_SIGNAL_BYTES`]). One stream per pair keeps per-pair order
+//! (QUIC streams are ordered) and avoids a stream setup per message.
+//!
+//! Sending holds the pair's stream lock while writing, so concurrent senders to
+//! one target are serialised in call order. Receiving runs one reader task per
+//! inbound stream outside the swarm's event loop; a reader waits for room in
+//! the event channel (signals are never dropped), which backpressures the
+//! sender through QUIC flow control. A malformed frame (length over the limit)
+//! closes the stream.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use libp2p::{PeerId, Stream, StreamProtocol};
+use tokio::task::JoinSet;
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::error::SignalError;
+use crate::events::EventSink;
+pub use crate::protocol::MAX_SIGNAL_BYTES;
+
+/// How long opening a stream (dialling the target if needed) may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one frame may wait for the receiver's flow-control window.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most inbound signal streams read at once (over all peers).
+const MAX_INBOUND_STREAMS: usize = 1024;
+/// Most outbound pair entries kept; idle ones are forgotten beyond this.
+const MAX_OUTBOUND_ENTRIES: usize = 1024;
+
+type Writer = FramedWrite<Compat<Stream>, LengthDelimitedCodec>;
+
+/// The frame codec of the signal protocol: u32 big-endian length prefix.
+pub(crate) fn frame_codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .length_field_length(4)
+        .big_endian()
+        .max_frame_length(MAX_SIGNAL_BYTES)
+        .new_codec()
+}
+
+/// The sending side, shared by every clone of the [`crate::Mesh`] handle.
+pub(crate) struct SignalRelay {
+    local: PeerId,
+    control: libp2p_stream::Control,
+    protocol: StreamProtocol,
+    sink: EventSink,
+    outbound: Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<Option<Writer>>>>>,
+}
+
+impl std::fmt::Debug for SignalRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignalRelay")
+            .field("protocol", &self.protocol)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SignalRelay {
+    pub(crate) fn new(
+        local: PeerId,
+        control: libp2p_stream::Control,
+        protocol: StreamProtocol,
+        sink: EventSink,
+    ) -> Self {
+        SignalRelay {
+            local,
+            control,
+            protocol,
+            sink,
+            outbound: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn slot(&self, target: PeerId) -> Result<Arc<tokio::sync::Mutex<Option<Writer>>>, SignalError> {
+        let mut map = self.outbound.lock().map_err(|_| SignalError::Closed)?;
+        if map.len() >= MAX_OUTBOUND_ENTRIES && !map.contains_key(&target) {
+            map.retain(|_, slot| Arc::strong_count(slot) > 1);
+        }
+        Ok(map.entry(target).or_default().clone())
+    }
+
+    /// Forgets the stream to `target` (after a disconnect).
+    pub(crate) fn forget(&self, target: &PeerId) {
+        if let Ok(mut map) = self.outbound.lock() {
+            map.remove(target);
+        }
+    }
+
+    /// Sends one payload to `target`; see the module docs for the guarantees.
+    pub(crate) async fn send(&self, target: PeerId, payload: Vec<u8>) -> Result<(), SignalError> {
+        if payload.len() > MAX_SIGNAL_BYTES {
+            return Err(SignalError::TooLarge {
+                size: payload.len(),
+                max: MAX_SIGNAL_BYTES,
+            });
+        }
+        if target == self.local {
+            return self
+                .sink
+                .emit_signal(self.local, payload)
+                .await
+                .map_err(|_| SignalError::Closed);
+        }
+        let slot = self.slot(target)?;
+        let mut guard = slot.lock().await;
+        let payload = Bytes::from(payload);
+        loop {
+            // A cached stream may have died with its connection; a write
+            // failure on it is retried once on a fresh stream.
+            let fresh = guard.is_none();
+            if fresh {
+                let mut control = self.control.clone();
+                let opened = tokio::time::timeout(
+                    OPEN_TIMEOUT,
+                    control.open_stream(target, self.protocol.clone()),
+                )
+                .await;
+                match opened {
+                    Ok(Ok(stream)) => {
+                        *guard = Some(FramedWrite::new(stream.compat(), frame_codec()))
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(%target, error = %e, "cannot open a signal stream");
+                        return Err(SignalError::Unreachable(target.to_string()));
+                    }
+                    Err(_) => return Err(SignalError::Unreachable(target.to_string())),
+                }
+            }
+            let writer = guard.as_mut().ok_or(SignalError::Closed)?;
+            match tokio::time::timeout(SEND_TIMEOUT, writer.send(payload.clone())).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => {
+                    tracing::debug!(%target, error = %e, "signal stream broke");
+                    *guard = None;
+                    if fresh {
+                        return Err(SignalError::Unreachable(target.to_string()));
+                    }
+                }
+                Err(_) => {
+                    *guard = None;
+                    return Err(SignalError::Unreachable(target.to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// Accepts inbound signal streams until `cancel` fires, reading each in its
+/// own task; every reader ends with this task.
+pub(crate) async fn run_inbound(
+    mut incoming: libp2p_stream::IncomingStreams,
+    sink: EventSink,
+    cancel: CancellationToken,
+) {
+    let mut readers = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            Some(_) = readers.join_next(), if !readers.is_empty() => {}
+            next = incoming.next() => {
+                let Some((peer, stream)) = next else { break };
+                if readers.len() >= MAX_INBOUND_STREAMS {
+                    tracing::warn!(%peer, "too many inbound signal streams; refusing one");
+                    drop(stream);
+                    continue;
+                }
+                readers.spawn(read_stream(peer, stream, sink.clone()));
+            }
+        }
+    }
+    readers.shutdown().await;
+}
+
+async fn read_stream(peer: PeerId, stream: Stream, sink: EventSink) {
+    let mut frames = FramedRead::new(stream.compat(), frame_codec());
+    while let Some(frame) = frames.next().await {
+        match frame {
+            Ok(bytes) => {
+                if sink.emit_signal(peer, bytes.to_vec()).await.is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "malformed signal frame; closing the stream");
+                return;
+            }
+        }
+    }
+}
