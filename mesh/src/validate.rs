@@ -215,7 +215,7 @@ mod tests {
             Err(ValidationError::Refused("no".into()))
         );
 
-        let other = Store::open_with(hubmesh_store::StoreConfig {
+        let other = hubmesh_store::Store::open_with(hubmesh_store::StoreConfig {
             clock: clock.clone(),
             ..Default::default()
         })
