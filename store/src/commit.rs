@@ -107,10 +107,10 @@ impl Committer {
                 if state.durable >= ticket.0 {
                     return Ok(());
                 }
-                if let Some((upto, err)) = &state.failed {
-                    if *upto >= ticket.0 {
-                        return Err(StoreError::Flush(err.to_string()));
-                    }
+                if let Some((upto, err)) = &state.failed
+                    && *upto >= ticket.0
+                {
+                    return Err(StoreError::Flush(err.to_string()));
                 }
             }
             if rx.changed().await.is_err() {

@@ -54,6 +54,15 @@ impl Batch {
     pub(crate) fn remove(&mut self, key: Vec<u8>) {
         self.ops.push((key, None));
     }
+    /// The value this batch last wrote for `key` (a rare path: linear).
+    pub(crate) fn find(&self, key: &[u8]) -> Option<&[u8]> {
+        self.ops
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.as_deref())
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
@@ -204,27 +213,6 @@ impl Tree {
     ) -> Result<Vec<(Vec<u8>, Value)>> {
         let end = prefix_end(prefix);
         self.range(from, end.as_deref(), limit)
-    }
-
-    /// The greatest key starting with `prefix`, if any.
-    pub(crate) fn last_in_prefix(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>> {
-        let upper = match prefix_end(prefix) {
-            Some(t) => Bound::Excluded(t),
-            None => Bound::Unbounded,
-        };
-        let lower = Bound::Included(prefix.to_vec());
-        match self {
-            Tree::Sled(t) => match t.range::<Vec<u8>, _>((lower, upper)).next_back() {
-                Some(item) => Ok(Some(item?.0.to_vec())),
-                None => Ok(None),
-            },
-            Tree::Mem(t) => Ok(t
-                .read()
-                .map_err(|_| poisoned())?
-                .range::<Vec<u8>, _>((lower, upper))
-                .next_back()
-                .map(|(k, _)| k.clone())),
-        }
     }
 
     pub(crate) fn remove(&self, key: &[u8]) -> Result<bool> {

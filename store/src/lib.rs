@@ -20,6 +20,7 @@
 pub mod codec;
 mod commit;
 mod error;
+mod index;
 mod kv;
 mod local;
 mod record;

@@ -1,17 +1,17 @@
-//! The registry: merge, reads, indexes, expiry and anti-entropy bookkeeping,
-//! all in one tree of the engine so that a record and its index entries change
-//! in one atomic batch.
+//! The registry: merge, reads, expiry and anti-entropy bookkeeping.
 //!
-//! Key layout of the `registry` tree (`ns` and `key` never contain NUL):
+//! On disk (one tree of the engine, `ns` and `key` never contain NUL):
 //!
 //! | prefix | key | value |
 //! |---|---|---|
 //! | `r` | ns `\0` key | encoded [`Record`] |
-//! | `o` | len(origin) origin seq(be64) ns `\0` key | — |
-//! | `x` | expires(be64) ns `\0` key | — |
-//! | `t` | ns `\0` term `\0` key | — |
 //! | `w` | origin | watermark (be64) |
-//! | `m` | name | meta value |
+//! | `m` | `format` | format version byte |
+//! | `m` | `seq` origin | own sequence numbers reserved up to (be64) |
+//!
+//! The secondary indexes (by origin and seq, by expiry, by term) live in
+//! memory ([`crate::index`]) and are rebuilt from the records at open, so a
+//! merge costs one engine write per record plus one per origin per batch.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -22,12 +22,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::codec::{self, FORMAT_VERSION};
 use crate::commit::{Committer, DurableTicket};
 use crate::error::{Result, StoreError};
+use crate::index::{Index, NsKey, ns_key, ns_of, term_key};
 use crate::kv::{Batch, Kv, Tree};
 use crate::local::{LocalTree, SealKey, SealedTree};
 use crate::record::{Draft, OriginId, Record, Signer, Version, check_ns};
 
 const META_FORMAT: &[u8] = b"mformat";
-const META_HLC: &[u8] = b"mhlc";
+const META_SEQ: &[u8] = b"mseq";
+/// Own sequence numbers are reserved on disk in blocks, so an originated
+/// write costs no extra engine write; a crash skips at most one block.
+const SEQ_BLOCK: u64 = 1024;
 
 /// Where "now" comes from. Tests drive a manual clock to exercise expiry.
 #[derive(Clone, Debug, Default)]
@@ -177,9 +181,12 @@ struct Inner {
 
 struct WriteState {
     hlc: Version,
+    index: Index,
     watermarks: HashMap<OriginId, u64>,
     /// Next sequence number per origin this hub signs as (usually one).
     own_next: HashMap<OriginId, u64>,
+    /// Own sequence numbers reserved on disk, per origin.
+    own_reserved: HashMap<OriginId, u64>,
 }
 
 impl Store {
@@ -197,7 +204,8 @@ impl Store {
             .expect("opening the in-memory engine has no failure path")
     }
 
-    /// Opens a store as configured.
+    /// Opens a store as configured: reads every record once to rebuild the
+    /// in-memory indexes.
     pub fn open_with(config: StoreConfig) -> Result<Store> {
         let (kv, seal_key) = match &config.path {
             Some(dir) => {
@@ -222,14 +230,18 @@ impl Store {
                 });
             }
         }
-        let hlc = match reg.get(META_HLC)? {
-            Some(v) => codec::decode_value(&v, "meta hlc")?,
-            None => Version::default(),
-        };
         let mut watermarks = HashMap::new();
         for (k, v) in reg.prefix_from(b"w", b"w", usize::MAX)? {
             watermarks.insert(OriginId::new(&k[1..]), be64(&v, "watermark")?);
         }
+        let mut own_reserved = HashMap::new();
+        for (k, v) in reg.prefix_from(META_SEQ, META_SEQ, usize::MAX)? {
+            own_reserved.insert(
+                OriginId::new(&k[META_SEQ.len()..]),
+                be64(&v, "sequence reservation")?,
+            );
+        }
+        let (index, hlc) = build_index(&reg)?;
         let committer = Committer::start(kv.clone(), config.commit_delay)?;
         Ok(Store {
             inner: Arc::new(Inner {
@@ -240,8 +252,10 @@ impl Store {
                 seal_key,
                 write: Mutex::new(WriteState {
                     hlc,
+                    index,
                     watermarks,
                     own_next: HashMap::new(),
+                    own_reserved,
                 }),
                 committer,
             }),
@@ -265,6 +279,29 @@ impl Store {
             .map_err(|_| StoreError::Backend("writer lock poisoned by a panicked writer".into()))
     }
 
+    /// Applies a batch built under the writer lock. If the engine refuses it,
+    /// the in-memory index (already updated) is rebuilt from disk so that it
+    /// never describes writes that did not happen.
+    fn apply_locked(&self, st: &mut WriteState, w: BatchWriter) -> Result<()> {
+        let BatchWriter { batch, new_wms, .. } = w;
+        match self.inner.reg.apply(batch) {
+            Ok(()) => {
+                for (o, wm) in new_wms {
+                    st.watermarks.insert(o, wm);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "registry write failed; rebuilding the index");
+                let (index, hlc) = build_index(&self.inner.reg)?;
+                st.index = index;
+                st.hlc = st.hlc.max(hlc);
+                st.own_next.clear();
+                Err(e)
+            }
+        }
+    }
+
     /// Merges records from anywhere (gossip, DHT, sync, local) by
     /// last-writer-wins on `(version, origin)`. The batch is applied atomically
     /// and visible on return; wait on `report.ticket` for durability.
@@ -272,12 +309,13 @@ impl Store {
     pub fn merge(&self, records: Vec<Record>) -> Result<MergeReport> {
         let now = self.inner.clock.now_ms();
         let mut st = self.lock()?;
-        let mut w = BatchWriter::new(&self.inner.reg);
+        let mut w = BatchWriter::default();
         let mut outcomes = Vec::with_capacity(records.len());
         for rec in records {
-            outcomes.push(w.merge_one(&mut st, rec, now)?);
+            outcomes.push(w.merge_one(&self.inner.reg, &mut st, rec, now)?);
         }
-        w.finish(&mut st)?;
+        w.advance_watermarks(&st);
+        self.apply_locked(&mut st, w)?;
         let ticket = self.inner.committer.applied();
         Ok(MergeReport { outcomes, ticket })
     }
@@ -301,18 +339,19 @@ impl Store {
         let now = self.inner.clock.now_ms();
         let origin = signer.origin();
         let mut st = self.lock()?;
-        let mut w = BatchWriter::new(&self.inner.reg);
+        let mut w = BatchWriter::default();
         let mut out = Vec::with_capacity(drafts.len());
         for d in drafts {
             check_ns(&d.ns)?;
             let mut version = tick(st.hlc, now);
-            if let Some(held) = w.current(&d.ns, &d.key)? {
-                if held.version >= version {
-                    version = tick(held.version, held.version.wall_ms);
-                }
+            let nk = ns_key(&d.ns, &d.key);
+            if let Some(held) = st.index.held.get(nk.as_slice())
+                && held.version >= version
+            {
+                version = tick(held.version, held.version.wall_ms);
             }
             st.hlc = version;
-            let seq = self.next_own_seq(&mut st, &origin)?;
+            let seq = self.next_own_seq(&mut st, &mut w, &origin);
             let mut rec = Record {
                 ns: d.ns,
                 key: d.key,
@@ -328,7 +367,7 @@ impl Store {
             rec.check_shape()?;
             rec.sig = signer.sign(&codec::signing_bytes(&rec));
             codec::encode_record(&rec)?;
-            match w.merge_one(&mut st, rec.clone(), now)? {
+            match w.merge_one(&self.inner.reg, &mut st, rec.clone(), now)? {
                 MergeOutcome::Applied | MergeOutcome::Expired => {}
                 MergeOutcome::Rejected(reason) => {
                     return Err(StoreError::Corrupt {
@@ -344,8 +383,18 @@ impl Store {
             }
             out.push(rec);
         }
-        w.meta_hlc = Some(st.hlc);
-        w.finish(&mut st)?;
+        // Everything this hub originated is held (or superseded by newer
+        // versions): its own watermark is its last sequence number.
+        if let Some(last) = out.last() {
+            let cur = st.watermarks.get(&origin).copied().unwrap_or(0);
+            if last.seq > cur {
+                w.batch
+                    .insert(wm_key(&origin), last.seq.to_be_bytes().to_vec());
+                w.new_wms.push((origin.clone(), last.seq));
+            }
+        }
+        w.advance_watermarks(&st);
+        self.apply_locked(&mut st, w)?;
         Ok((out, self.inner.committer.applied()))
     }
 
@@ -357,24 +406,33 @@ impl Store {
         Ok(records)
     }
 
-    fn next_own_seq(&self, st: &mut WriteState, origin: &OriginId) -> Result<u64> {
+    fn next_own_seq(&self, st: &mut WriteState, w: &mut BatchWriter, origin: &OriginId) -> u64 {
+        let reserved = st.own_reserved.get(origin).copied().unwrap_or(0);
         let next = match st.own_next.get(origin) {
             Some(n) => *n,
             None => {
-                // Never reuse a sequence number: start above both the watermark
-                // and the highest seq of this origin held (a copy of our own
-                // records may have come back from peers after a data loss).
+                // Never reuse a sequence number: start above the watermark,
+                // the highest seq of this origin held (a copy of our own
+                // records may have come back from peers after a data loss),
+                // and every number reserved before a restart.
                 let wm = st.watermarks.get(origin).copied().unwrap_or(0);
-                let prefix = origin_prefix(origin);
-                let held = match self.inner.reg.last_in_prefix(&prefix)? {
-                    Some(k) => seq_of(&k, prefix.len())?,
-                    None => 0,
-                };
-                wm.max(held) + 1
+                let held = st
+                    .index
+                    .known_origin(origin)
+                    .map(|id| st.index.max_seq(id))
+                    .unwrap_or(0);
+                wm.max(held).max(reserved) + 1
             }
         };
+        if next > reserved {
+            let upto = next + SEQ_BLOCK - 1;
+            let mut k = META_SEQ.to_vec();
+            k.extend_from_slice(origin.as_bytes());
+            w.batch.insert(k, upto.to_be_bytes().to_vec());
+            st.own_reserved.insert(origin.clone(), upto);
+        }
         st.own_next.insert(origin.clone(), next + 1);
-        Ok(next)
+        next
     }
 
     /// Waits until every write covered by `ticket` is on disk (group commit).
@@ -440,11 +498,12 @@ impl Store {
             }
             None => prefix.clone(),
         };
+        let chunk_len = limit.clamp(16, 1024);
         let mut out = Vec::new();
         // Expired or deleted entries are skipped, so read in chunks until the page is full.
         loop {
-            let chunk = self.inner.reg.prefix_from(&prefix, &from, limit.max(16))?;
-            let exhausted = chunk.len() < limit.max(16);
+            let chunk = self.inner.reg.prefix_from(&prefix, &from, chunk_len)?;
+            let exhausted = chunk.len() < chunk_len;
             for (k, v) in &chunk {
                 let r = codec::decode_record(v)?;
                 if !r.deleted && !r.is_expired(now) {
@@ -467,17 +526,22 @@ impl Store {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let mut prefix = vec![b't'];
-        prefix.extend_from_slice(ns.as_bytes());
-        prefix.push(0);
-        prefix.extend_from_slice(term.as_bytes());
-        prefix.push(0);
+        use std::ops::Bound;
+        let prefix = term_key(ns, term, "");
+        let mut cursor = Bound::Included(prefix.clone());
         let mut out = Vec::new();
-        let mut from = prefix.clone();
         loop {
-            let chunk = self.inner.reg.prefix_from(&prefix, &from, 256)?;
-            let exhausted = chunk.len() < 256;
-            for (k, _) in &chunk {
+            let keys: Vec<Vec<u8>> = {
+                let st = self.lock()?;
+                st.index
+                    .by_term
+                    .range((cursor.clone(), Bound::Unbounded))
+                    .take_while(|k| k.starts_with(&prefix))
+                    .take(256)
+                    .cloned()
+                    .collect()
+            };
+            for k in &keys {
                 let key =
                     std::str::from_utf8(&k[prefix.len()..]).map_err(|e| StoreError::Corrupt {
                         context: "term index".into(),
@@ -489,11 +553,10 @@ impl Store {
                         return Ok(out);
                     }
                 }
-                from = k.clone();
-                from.push(0);
             }
-            if exhausted {
-                return Ok(out);
+            match keys.last() {
+                Some(last) if keys.len() == 256 => cursor = Bound::Excluded(last.clone()),
+                _ => return Ok(out),
             }
         }
     }
@@ -502,46 +565,35 @@ impl Store {
     /// how the mesh answers an anti-entropy pull without scanning everything.
     pub fn records_since(&self, origin: &OriginId, after: u64, limit: usize) -> Result<SyncPage> {
         let now = self.inner.clock.now_ms();
-        let watermark = self.watermark(origin)?;
-        let prefix = origin_prefix(origin);
-        let mut from = prefix.clone();
-        from.extend_from_slice(&after.saturating_add(1).to_be_bytes());
-        if after == u64::MAX {
-            return Ok(SyncPage {
-                records: Vec::new(),
-                next_after: None,
-                watermark,
-            });
-        }
         let limit = limit.max(1);
-        let mut records = Vec::new();
+        let (watermark, entries) = {
+            let st = self.lock()?;
+            let watermark = st.watermarks.get(origin).copied().unwrap_or(0);
+            let entries: Vec<(u64, NsKey)> = match st.index.known_origin(origin) {
+                Some(id) if after < u64::MAX => {
+                    let empty: NsKey = Arc::from(&[][..]);
+                    st.index.by_origin[id as usize]
+                        .range((after + 1, empty)..)
+                        .take(limit.saturating_add(1))
+                        .cloned()
+                        .collect()
+                }
+                _ => Vec::new(),
+            };
+            (watermark, entries)
+        };
+        let more = entries.len() > limit;
+        let mut records = Vec::with_capacity(entries.len().min(limit));
         let mut last_seq = after;
-        let mut more = false;
-        loop {
-            let chunk = self
-                .inner
-                .reg
-                .prefix_from(&prefix, &from, limit.saturating_add(1))?;
-            let exhausted = chunk.len() <= limit;
-            for (k, _) in chunk {
-                if records.len() == limit {
-                    more = true;
-                    break;
+        for (seq, nk) in entries.into_iter().take(limit) {
+            last_seq = seq;
+            let mut rk = vec![b'r'];
+            rk.extend_from_slice(&nk);
+            if let Some(raw) = self.inner.reg.get(&rk)? {
+                let r = codec::decode_record(&raw)?;
+                if r.origin == *origin && r.seq == seq && !r.is_expired(now) {
+                    records.push(r);
                 }
-                let seq = seq_of(&k, prefix.len())?;
-                last_seq = seq;
-                let (ns, key) = split_ns_key(&k[prefix.len() + 8..])?;
-                if let Some(raw) = self.inner.reg.get(&rec_key(ns, key))? {
-                    let r = codec::decode_record(&raw)?;
-                    if r.origin == *origin && r.seq == seq && !r.is_expired(now) {
-                        records.push(r);
-                    }
-                }
-                from = k;
-                from.push(0);
-            }
-            if more || exhausted {
-                break;
             }
         }
         Ok(SyncPage {
@@ -579,41 +631,32 @@ impl Store {
         Ok(())
     }
 
-    /// Removes up to `limit` expired records (and their index entries); returns
-    /// how many were removed. Tombstones go too, once they expire.
+    /// Removes up to `limit` expired records; returns how many were removed.
+    /// Tombstones go too, once they expire.
     pub fn sweep_expired(&self, limit: usize) -> Result<usize> {
         let now = self.inner.clock.now_ms();
-        let mut upper = vec![b'x'];
-        upper.extend_from_slice(&now.saturating_add(1).to_be_bytes());
-        let due = self.inner.reg.range(b"x", Some(&upper), limit)?;
+        let mut st = self.lock()?;
+        let due: Vec<(u64, NsKey)> = st
+            .index
+            .by_expiry
+            .iter()
+            .take_while(|(exp, _)| *exp <= now)
+            .take(limit)
+            .cloned()
+            .collect();
         if due.is_empty() {
             return Ok(0);
         }
-        let _st = self.lock()?;
-        let mut b = Batch::default();
-        let mut removed = 0;
-        for (k, _) in due {
-            let (ns, key) = split_ns_key(&k[9..])?;
-            let rk = rec_key(ns, key);
-            if let Some(raw) = self.inner.reg.get(&rk)? {
-                match codec::decode_record(&raw) {
-                    Ok(r) if r.is_expired(now) => {
-                        remove_indexes(&mut b, &r);
-                        b.remove(rk);
-                        removed += 1;
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(error = %e, "sweeping an undecodable record");
-                        b.remove(rk);
-                    }
-                }
-            }
-            b.remove(k);
+        let mut w = BatchWriter::default();
+        for (_, nk) in &due {
+            st.index.remove(nk);
+            let mut rk = vec![b'r'];
+            rk.extend_from_slice(nk);
+            w.batch.remove(rk);
         }
-        self.inner.reg.apply(b)?;
+        self.apply_locked(&mut st, w)?;
         let _ = self.inner.committer.applied();
-        Ok(removed)
+        Ok(due.len())
     }
 
     /// Sweeps expired records every `period`, forever; run it as a task and
@@ -625,7 +668,7 @@ impl Store {
             tick.tick().await;
             loop {
                 match self.sweep_expired(10_000) {
-                    Ok(n) if n == 10_000 => tokio::task::yield_now().await,
+                    Ok(10_000) => tokio::task::yield_now().await,
                     Ok(_) => break,
                     Err(e) => {
                         tracing::warn!(error = %e, "expiry sweep failed");
@@ -636,30 +679,21 @@ impl Store {
         }
     }
 
-    /// Number of live (unexpired, undeleted) records per namespace. Scans the
-    /// registry: for operator views, not hot paths.
+    /// Number of live (unexpired, undeleted) records per namespace, from the
+    /// in-memory index.
     pub fn namespace_counts(&self) -> Result<Vec<(String, u64)>> {
         let now = self.inner.clock.now_ms();
-        let mut counts: Vec<(String, u64)> = Vec::new();
-        let mut from = b"r".to_vec();
-        loop {
-            let chunk = self.inner.reg.prefix_from(b"r", &from, 1024)?;
-            let exhausted = chunk.len() < 1024;
-            for (k, v) in &chunk {
-                let r = codec::decode_record(v)?;
-                if !r.deleted && !r.is_expired(now) {
-                    match counts.last_mut() {
-                        Some((ns, n)) if *ns == r.ns => *n += 1,
-                        _ => counts.push((r.ns, 1)),
-                    }
-                }
-                from = k.clone();
-                from.push(0);
-            }
-            if exhausted {
-                return Ok(counts);
+        let st = self.lock()?;
+        let mut counts: std::collections::BTreeMap<&[u8], u64> = Default::default();
+        for (nk, head) in &st.index.held {
+            if !head.deleted && head.expires_ms > now {
+                *counts.entry(ns_of(nk)).or_default() += 1;
             }
         }
+        Ok(counts
+            .into_iter()
+            .map(|(ns, n)| (String::from_utf8_lossy(ns).into_owned(), n))
+            .collect())
     }
 
     /// Group-commit flushes performed since open.
@@ -712,6 +746,33 @@ impl Store {
     }
 }
 
+/// Reads every record once: the in-memory index and the highest version seen.
+/// Undecodable values are skipped (reads of them report the error; a valid
+/// record for the key replaces them).
+fn build_index(reg: &Tree) -> Result<(Index, Version)> {
+    let mut index = Index::default();
+    let mut hlc = Version::default();
+    let mut from = b"r".to_vec();
+    loop {
+        let chunk = reg.prefix_from(b"r", &from, 4096)?;
+        let exhausted = chunk.len() < 4096;
+        for (k, v) in &chunk {
+            match codec::decode_record(v) {
+                Ok(r) => {
+                    hlc = hlc.max(r.version);
+                    index.insert(Arc::from(&k[1..]), &r);
+                }
+                Err(e) => tracing::warn!(error = %e, "skipping an undecodable record at open"),
+            }
+            from = k.clone();
+            from.push(0);
+        }
+        if exhausted {
+            return Ok((index, hlc));
+        }
+    }
+}
+
 fn tick(last: Version, now: u64) -> Version {
     if now > last.wall_ms {
         Version {
@@ -731,50 +792,34 @@ fn tick(last: Version, now: u64) -> Version {
     }
 }
 
-/// Accumulates one atomic batch; remembers what the batch itself changed so
-/// that two records for one key in the same batch merge correctly.
-struct BatchWriter<'a> {
-    reg: &'a Tree,
+/// Accumulates one atomic batch while the writer lock is held. The index is
+/// updated as records are merged, so later records of the same batch see
+/// earlier ones.
+#[derive(Default)]
+struct BatchWriter {
     batch: Batch,
-    overlay: HashMap<Vec<u8>, Option<Record>>,
     seen: HashMap<OriginId, BTreeSet<u64>>,
-    meta_hlc: Option<Version>,
+    new_wms: Vec<(OriginId, u64)>,
 }
 
-impl<'a> BatchWriter<'a> {
-    fn new(reg: &'a Tree) -> Self {
-        BatchWriter {
-            reg,
-            batch: Batch::default(),
-            overlay: HashMap::new(),
-            seen: HashMap::new(),
-            meta_hlc: None,
+impl BatchWriter {
+    /// The stored bytes of the held version of `nk` (this batch's included).
+    fn held_bytes(&self, reg: &Tree, nk: &[u8]) -> Result<Option<Vec<u8>>> {
+        let mut rk = vec![b'r'];
+        rk.extend_from_slice(nk);
+        if let Some(b) = self.batch.find(&rk) {
+            return Ok(Some(b.to_vec()));
         }
+        Ok(reg.get(&rk)?.map(|v| v.to_vec()))
     }
 
-    /// The record currently held for a key, as this batch would leave it
-    /// (expired ones included: the caller decides).
-    fn current(&mut self, ns: &str, key: &str) -> Result<Option<Record>> {
-        let rk = rec_key(ns, key);
-        if let Some(r) = self.overlay.get(&rk) {
-            return Ok(r.clone());
-        }
-        match self.reg.get(&rk)? {
-            None => Ok(None),
-            Some(v) => match codec::decode_record(&v) {
-                Ok(r) => Ok(Some(r)),
-                Err(e) => {
-                    // A corrupt stored value cannot be ranked; a valid record
-                    // for the key replaces it (its stale index entries expire
-                    // harmlessly: every index read re-checks the record).
-                    tracing::warn!(ns, key, error = %e, "replacing an undecodable stored record");
-                    Ok(None)
-                }
-            },
-        }
-    }
-
-    fn merge_one(&mut self, st: &mut WriteState, rec: Record, now: u64) -> Result<MergeOutcome> {
+    fn merge_one(
+        &mut self,
+        reg: &Tree,
+        st: &mut WriteState,
+        rec: Record,
+        now: u64,
+    ) -> Result<MergeOutcome> {
         let bytes = match codec::encode_record(&rec) {
             Ok(b) => b,
             Err(e) => return Ok(MergeOutcome::Rejected(e.to_string())),
@@ -784,10 +829,10 @@ impl<'a> BatchWriter<'a> {
             .or_default()
             .insert(rec.seq);
         // A copy of our own record from before a data loss: never reuse its seq.
-        if let Some(next) = st.own_next.get_mut(&rec.origin) {
-            if *next <= rec.seq {
-                *next = rec.seq + 1;
-            }
+        if let Some(next) = st.own_next.get_mut(&rec.origin)
+            && *next <= rec.seq
+        {
+            *next = rec.seq + 1;
         }
         if rec.version > st.hlc {
             st.hlc = rec.version;
@@ -795,48 +840,49 @@ impl<'a> BatchWriter<'a> {
         if rec.is_expired(now) {
             return Ok(MergeOutcome::Expired);
         }
-        let held = self.current(&rec.ns, &rec.key)?;
-        if let Some(h) = &held {
-            if !h.is_expired(now) {
-                if *h == rec {
-                    return Ok(MergeOutcome::Duplicate);
-                }
-                if !rec.outranks(h) {
-                    return Ok(MergeOutcome::Stale);
+        let nk: NsKey = Arc::from(ns_key(&rec.ns, &rec.key));
+        if let Some(h) = st.index.held.get(&nk) {
+            if h.expires_ms > now {
+                let held_rank = (h.version, st.index.origin(h.origin));
+                match (rec.version, &rec.origin).cmp(&held_rank) {
+                    std::cmp::Ordering::Less => return Ok(MergeOutcome::Stale),
+                    std::cmp::Ordering::Greater => {}
+                    std::cmp::Ordering::Equal => {
+                        // Same (version, origin): the same write, or a
+                        // misbehaving origin; the bytes decide, identically everywhere.
+                        match self.held_bytes(reg, &nk)? {
+                            Some(held) if held == bytes => return Ok(MergeOutcome::Duplicate),
+                            Some(held) if held > bytes => return Ok(MergeOutcome::Stale),
+                            _ => {}
+                        }
+                    }
                 }
             }
-            remove_indexes(&mut self.batch, h);
+            st.index.remove(&nk);
         }
-        let rk = rec_key(&rec.ns, &rec.key);
-        let nk = ns_key(&rec.ns, &rec.key);
-        self.batch
-            .insert(origin_key(&rec.origin, rec.seq, &nk), Vec::new());
-        self.batch.insert(exp_key(rec.expires_ms, &nk), Vec::new());
-        if !rec.deleted {
-            for t in &rec.terms {
-                self.batch
-                    .insert(term_key(&rec.ns, t, &rec.key), Vec::new());
-            }
-        }
-        self.batch.insert(rk.clone(), bytes);
-        self.overlay.insert(rk, Some(rec));
+        let mut rk = vec![b'r'];
+        rk.extend_from_slice(&nk);
+        self.batch.insert(rk, bytes);
+        st.index.insert(nk, &rec);
         Ok(MergeOutcome::Applied)
     }
 
-    /// Advances contiguous watermarks, then applies everything atomically.
-    fn finish(mut self, st: &mut WriteState) -> Result<()> {
-        let mut new_wms = Vec::new();
+    /// Advances the watermark of every origin seen over its contiguous run.
+    fn advance_watermarks(&mut self, st: &WriteState) {
         for (origin, seqs) in &self.seen {
-            let start = st.watermarks.get(origin).copied().unwrap_or(0);
+            let start = self
+                .new_wms
+                .iter()
+                .find(|(o, _)| o == origin)
+                .map(|(_, w)| *w)
+                .or_else(|| st.watermarks.get(origin).copied())
+                .unwrap_or(0);
+            let id = st.index.known_origin(origin);
             let mut wm = start;
-            let prefix = origin_prefix(origin);
             loop {
                 let next = wm + 1;
-                let held = seqs.contains(&next) || {
-                    let mut k = prefix.clone();
-                    k.extend_from_slice(&next.to_be_bytes());
-                    !self.reg.prefix_from(&k, &k, 1)?.is_empty()
-                };
+                let held =
+                    seqs.contains(&next) || id.is_some_and(|id| st.index.holds_seq(id, next));
                 if !held {
                     break;
                 }
@@ -844,36 +890,11 @@ impl<'a> BatchWriter<'a> {
             }
             if wm > start {
                 self.batch.insert(wm_key(origin), wm.to_be_bytes().to_vec());
-                new_wms.push((origin.clone(), wm));
+                self.new_wms.retain(|(o, _)| o != origin);
+                self.new_wms.push((origin.clone(), wm));
             }
         }
-        if let Some(hlc) = self.meta_hlc {
-            self.batch
-                .insert(META_HLC.to_vec(), codec::encode_value(&hlc)?);
-        }
-        self.reg.apply(self.batch)?;
-        for (o, wm) in new_wms {
-            st.watermarks.insert(o, wm);
-        }
-        Ok(())
     }
-}
-
-fn remove_indexes(b: &mut Batch, r: &Record) {
-    let nk = ns_key(&r.ns, &r.key);
-    b.remove(origin_key(&r.origin, r.seq, &nk));
-    b.remove(exp_key(r.expires_ms, &nk));
-    for t in &r.terms {
-        b.remove(term_key(&r.ns, t, &r.key));
-    }
-}
-
-fn ns_key(ns: &str, key: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(ns.len() + key.len() + 1);
-    k.extend_from_slice(ns.as_bytes());
-    k.push(0);
-    k.extend_from_slice(key.as_bytes());
-    k
 }
 
 fn rec_key(ns: &str, key: &str) -> Vec<u8> {
@@ -882,61 +903,10 @@ fn rec_key(ns: &str, key: &str) -> Vec<u8> {
     k
 }
 
-fn exp_key(expires: u64, nk: &[u8]) -> Vec<u8> {
-    let mut k = vec![b'x'];
-    k.extend_from_slice(&expires.to_be_bytes());
-    k.extend_from_slice(nk);
-    k
-}
-
-fn term_key(ns: &str, term: &str, key: &str) -> Vec<u8> {
-    let mut k = vec![b't'];
-    k.extend_from_slice(ns.as_bytes());
-    k.push(0);
-    k.extend_from_slice(term.as_bytes());
-    k.push(0);
-    k.extend_from_slice(key.as_bytes());
-    k
-}
-
-fn origin_prefix(origin: &OriginId) -> Vec<u8> {
-    let mut k = vec![b'o', origin.0.len() as u8];
-    k.extend_from_slice(&origin.0);
-    k
-}
-
-/// By-origin index key. The record's key is part of it so that even a
-/// misbehaving origin reusing a sequence number cannot make one entry hide another.
-fn origin_key(origin: &OriginId, seq: u64, nk: &[u8]) -> Vec<u8> {
-    let mut k = origin_prefix(origin);
-    k.extend_from_slice(&seq.to_be_bytes());
-    k.extend_from_slice(nk);
-    k
-}
-
 fn wm_key(origin: &OriginId) -> Vec<u8> {
     let mut k = vec![b'w'];
     k.extend_from_slice(&origin.0);
     k
-}
-
-fn split_ns_key(v: &[u8]) -> Result<(&str, &str)> {
-    let corrupt = |reason: &str| StoreError::Corrupt {
-        context: "index entry".into(),
-        reason: reason.into(),
-    };
-    let pos = v
-        .iter()
-        .position(|b| *b == 0)
-        .ok_or_else(|| corrupt("no separator"))?;
-    let ns = std::str::from_utf8(&v[..pos]).map_err(|_| corrupt("namespace not UTF-8"))?;
-    let key = std::str::from_utf8(&v[pos + 1..]).map_err(|_| corrupt("key not UTF-8"))?;
-    Ok((ns, key))
-}
-
-fn seq_of(origin_index_key: &[u8], prefix_len: usize) -> Result<u64> {
-    let end = (prefix_len + 8).min(origin_index_key.len());
-    be64(&origin_index_key[prefix_len.min(end)..end], "origin index")
 }
 
 fn be64(v: &[u8], context: &str) -> Result<u64> {

@@ -6,6 +6,8 @@
 //! write is durable. The parent kills it with SIGKILL at a random moment,
 //! reopens the store, and checks every acknowledged record.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 mod common;
 
 use std::io::{BufRead, BufReader};
@@ -84,10 +86,10 @@ fn acknowledged_writes_survive_sigkill() {
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
-                if let Some(key) = line.strip_prefix("ack ") {
-                    if tx.send(key.to_owned()).is_err() {
-                        break;
-                    }
+                if let Some(key) = line.strip_prefix("ack ")
+                    && tx.send(key.to_owned()).is_err()
+                {
+                    break;
                 }
             }
         });

@@ -2,6 +2,8 @@
 //! repeats, in any batching, yields the same state (and the state a model of
 //! last-writer-wins predicts).
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 mod common;
 
 use std::collections::BTreeMap;
@@ -40,8 +42,10 @@ fn arb_record() -> impl Strategy<Value = Record> {
         })
 }
 
-/// Everything observable about the registry.
-fn state(s: &Store) -> (Vec<Option<Record>>, Vec<Vec<String>>, Vec<Vec<u64>>) {
+/// Everything observable about the registry: held records, term hits, origin streams.
+type State = (Vec<Option<Record>>, Vec<Vec<String>>, Vec<Vec<u64>>);
+
+fn state(s: &Store) -> State {
     let held = KEYS
         .iter()
         .map(|k| s.get_any("server", k).unwrap())

@@ -1,5 +1,5 @@
 //! Shared helpers of the store's integration tests.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::time::Duration;
 
@@ -104,7 +104,7 @@ impl Harness {
                     path: Some(d.path().to_path_buf()),
                     clock: clock.clone(),
                     cache_bytes: 64 << 20,
-            ..StoreConfig::default()
+                    ..StoreConfig::default()
                 })
                 .unwrap()
             }
