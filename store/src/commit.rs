@@ -138,7 +138,19 @@ fn flusher(shared: &Shared, kv: &Kv) {
         // instead of waiting for the next one. sled holds writers back while
         // it flushes, so without this pause each flush covers a single write.
         if !shutdown && !shared.commit_delay.is_zero() {
-            std::thread::sleep(shared.commit_delay);
+            // Wait while writers keep arriving (in short steps), at most the
+            // configured delay: a lone writer pays one step, a crowd fills the group.
+            let step = shared.commit_delay / 5;
+            let deadline = std::time::Instant::now() + shared.commit_delay;
+            let mut seen = shared.applied.load(Ordering::Acquire);
+            loop {
+                std::thread::sleep(step);
+                let now_applied = shared.applied.load(Ordering::Acquire);
+                if now_applied == seen || std::time::Instant::now() >= deadline {
+                    break;
+                }
+                seen = now_applied;
+            }
         }
         // Read the counter *before* flushing: every write numbered up to here
         // was applied before we read it, so this flush covers it.
