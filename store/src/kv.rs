@@ -74,13 +74,27 @@ fn poisoned() -> StoreError {
 
 impl Kv {
     pub(crate) fn open_sled(path: &Path, cache_bytes: u64) -> Result<Kv> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(path)
             .cache_capacity(cache_bytes)
             // We flush ourselves (group commit); sled's timer flush is only a backstop.
-            .flush_every_ms(Some(1000))
-            .open()?;
-        Ok(Kv::Sled(db))
+            .flush_every_ms(Some(1000));
+        // A handle closed a moment ago (a restart in the same process) may
+        // still hold the file lock while sled's background thread winds
+        // down: retry briefly before reporting the directory as in use.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        loop {
+            match config.open() {
+                Ok(db) => return Ok(Kv::Sled(db)),
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     pub(crate) fn memory() -> Kv {
