@@ -1,0 +1,718 @@
+//! Hub configuration: the [`RunArgs`] flags (each also a `HUBMESH_*` env var),
+//! the TOML [`FileConfig`], and the resolved [`Config`]. Precedence is
+//! flag > env > file > default; [`Config::default`] is a working local dev hub.
+//! Secrets (admin token, cluster secrets) come from env or files, never only
+//! from the config file. Every option and its default is listed in
+//! `specs/config.md`; [`CONFIG_TEMPLATE`] is what `hubmesh init` writes.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hubmesh_mesh::{Multiaddr, PeerId};
+use serde::Deserialize;
+
+use crate::error::NodeError;
+
+/// Default facade address.
+pub const DEFAULT_HTTP: &str = "127.0.0.1:8080";
+/// Default mesh (QUIC) listen address: UDP 4001, the customary libp2p port.
+pub const DEFAULT_MESH: &str = "/ip4/127.0.0.1/udp/4001/quic-v1";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "./hubmesh-data";
+/// Default federation name.
+pub const DEFAULT_FEDERATION: &str = "hubmesh-dev";
+
+/// Flags of `hubmesh run`. Every flag is also read from the `HUBMESH_*`
+/// variable named beside it; unset values fall back to the config file, then
+/// to the defaults of [`Config::default`].
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct RunArgs {
+    /// TOML config file.
+    #[arg(long, env = "HUBMESH_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Data directory (store, identity, TLS material, admin token). Default ./hubmesh-data.
+    #[arg(long, env = "HUBMESH_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Facade address. Default 127.0.0.1:8080.
+    #[arg(long, env = "HUBMESH_HTTP", value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
+    /// Mesh QUIC listen multiaddr (repeatable). Default /ip4/127.0.0.1/udp/4001/quic-v1.
+    #[arg(
+        long,
+        env = "HUBMESH_MESH",
+        value_name = "MULTIADDR",
+        value_delimiter = ','
+    )]
+    pub mesh: Vec<Multiaddr>,
+    /// Hub to dial at start, ending in /p2p/PEERID (repeatable).
+    #[arg(
+        long,
+        env = "HUBMESH_BOOTSTRAP",
+        value_name = "MULTIADDR",
+        value_delimiter = ','
+    )]
+    pub bootstrap: Vec<Multiaddr>,
+    /// Federation name ([a-z0-9._-], 1-64). Default hubmesh-dev.
+    #[arg(long, env = "HUBMESH_FEDERATION", value_name = "NAME")]
+    pub federation: Option<String>,
+    /// Allowlist membership: only these hubs (PeerIds) may join. Default: open.
+    #[arg(
+        long,
+        env = "HUBMESH_ALLOWLIST",
+        value_name = "PEERID",
+        value_delimiter = ','
+    )]
+    pub allowlist: Vec<PeerId>,
+    /// Facade TLS: none | self-signed | files (acme is reserved). Default none.
+    #[arg(long, env = "HUBMESH_TLS", value_name = "MODE")]
+    pub tls: Option<String>,
+    /// PEM certificate chain for --tls files.
+    #[arg(long, env = "HUBMESH_TLS_CERT", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls files.
+    #[arg(long, env = "HUBMESH_TLS_KEY", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// File holding the admin token (else HUBMESH_ADMIN_TOKEN, else DATA_DIR/admin.token, generated).
+    #[arg(long, env = "HUBMESH_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Per-IP rate limits: on | off. Default on.
+    #[arg(long, env = "HUBMESH_RATE_LIMITS", value_name = "on|off")]
+    pub rate_limits: Option<String>,
+    /// Reverse proxy whose X-Forwarded-For is trusted (repeatable).
+    #[arg(
+        long,
+        env = "HUBMESH_TRUSTED_PROXIES",
+        value_name = "IP",
+        value_delimiter = ','
+    )]
+    pub trusted_proxy: Vec<IpAddr>,
+    /// Allowed CORS origin (repeatable, `*` for any). Default: none (CORS off).
+    #[arg(
+        long,
+        env = "HUBMESH_CORS_ORIGINS",
+        value_name = "ORIGIN",
+        value_delimiter = ','
+    )]
+    pub cors_origin: Vec<String>,
+    /// Log format on stderr: text | json. Default text.
+    #[arg(long, env = "HUBMESH_LOG_FORMAT", value_name = "FORMAT")]
+    pub log_format: Option<String>,
+    /// Discovery: seconds without heartbeat before a server is inactive. Default 300.
+    #[arg(
+        long,
+        env = "HUBMESH_DISCOVERY_INACTIVE_AFTER_SECS",
+        value_name = "SECS"
+    )]
+    pub discovery_inactive_after_secs: Option<u64>,
+    /// Discovery: seconds without heartbeat before a registration is deleted. Default 86400.
+    #[arg(long, env = "HUBMESH_DISCOVERY_GONE_AFTER_SECS", value_name = "SECS")]
+    pub discovery_gone_after_secs: Option<u64>,
+    /// Anti-entropy period with every peer, seconds. Default 30.
+    #[arg(long, env = "HUBMESH_SYNC_INTERVAL_SECS", value_name = "SECS")]
+    pub sync_interval_secs: Option<u64>,
+}
+
+/// The TOML config file. Every field is optional; see [`CONFIG_TEMPLATE`].
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// See [`RunArgs::data_dir`].
+    pub data_dir: Option<PathBuf>,
+    /// See [`RunArgs::http`].
+    pub http: Option<SocketAddr>,
+    /// See [`RunArgs::mesh`].
+    pub mesh: Option<Vec<Multiaddr>>,
+    /// See [`RunArgs::bootstrap`].
+    pub bootstrap: Option<Vec<Multiaddr>>,
+    /// See [`RunArgs::federation`].
+    pub federation: Option<String>,
+    /// See [`RunArgs::allowlist`].
+    pub allowlist: Option<Vec<String>>,
+    /// See [`RunArgs::sync_interval_secs`].
+    pub sync_interval_secs: Option<u64>,
+    /// Seconds in-flight requests get to finish at shutdown. Default 10.
+    pub shutdown_grace_secs: Option<u64>,
+    /// Facade settings.
+    #[serde(default)]
+    pub facade: FileFacade,
+    /// Discovery family settings.
+    #[serde(default)]
+    pub discovery: FileDiscovery,
+}
+
+/// `[facade]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileFacade {
+    /// See [`RunArgs::tls`].
+    pub tls: Option<String>,
+    /// See [`RunArgs::tls_cert`].
+    pub tls_cert: Option<PathBuf>,
+    /// See [`RunArgs::tls_key`].
+    pub tls_key: Option<PathBuf>,
+    /// Extra names for the self-signed certificate. Default ["localhost", "127.0.0.1"].
+    pub tls_names: Option<Vec<String>>,
+    /// See [`RunArgs::admin_token_file`].
+    pub admin_token_file: Option<PathBuf>,
+    /// Whether requests arriving directly from loopback are admin. Default true.
+    pub admin_from_loopback: Option<bool>,
+    /// See [`RunArgs::rate_limits`].
+    pub rate_limits: Option<String>,
+    /// See [`RunArgs::trusted_proxy`].
+    pub trusted_proxies: Option<Vec<IpAddr>>,
+    /// See [`RunArgs::cors_origin`].
+    pub cors_origins: Option<Vec<String>>,
+    /// Per-request timeout, seconds. Default 30.
+    pub request_timeout_secs: Option<u64>,
+    /// Largest request body, bytes. Default 65536.
+    pub max_body_bytes: Option<usize>,
+    /// Most concurrent connections. Default 10000.
+    pub max_connections: Option<usize>,
+    /// See [`RunArgs::log_format`].
+    pub log_format: Option<String>,
+}
+
+/// `[discovery]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDiscovery {
+    /// Serve the Discovery family. Default true.
+    pub enabled: Option<bool>,
+    /// See [`RunArgs::discovery_inactive_after_secs`].
+    pub inactive_after_secs: Option<u64>,
+    /// See [`RunArgs::discovery_gone_after_secs`].
+    pub gone_after_secs: Option<u64>,
+    /// Requests per minute per client IP on this family. Default 60.
+    pub rate_per_minute: Option<u32>,
+    /// A TOML file of `cluster-id = "secret"` lines (keep it mode 0600).
+    pub cluster_secrets_file: Option<PathBuf>,
+}
+
+/// Facade TLS mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plain HTTP.
+    None,
+    /// A self-signed certificate generated on first run and persisted in
+    /// `DATA_DIR/tls/`.
+    SelfSigned {
+        /// Subject alternative names.
+        names: Vec<String>,
+    },
+    /// PEM files.
+    Files {
+        /// Certificate chain.
+        cert: PathBuf,
+        /// Private key.
+        key: PathBuf,
+    },
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Per-family rate limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitConfig {
+    /// Off for loopback benchmarks (`HUBMESH_RATE_LIMITS=off`).
+    pub enabled: bool,
+    /// Discovery family, requests per minute per client IP.
+    pub discovery_per_minute: u32,
+    /// Proxies whose `X-Forwarded-For` is honoured.
+    pub trusted_proxies: Vec<IpAddr>,
+}
+
+/// Discovery family settings.
+#[derive(Clone, PartialEq, Eq)]
+pub struct DiscoveryConfig {
+    /// Serve the family.
+    pub enabled: bool,
+    /// Without heartbeat for this long, a server is not listed.
+    pub inactive_after: Duration,
+    /// Without heartbeat for this long, the registration expires everywhere.
+    pub gone_after: Duration,
+    /// Accepted distance of a register timestamp from now.
+    pub timestamp_window: Duration,
+    /// Lifetime of a server token.
+    pub token_ttl: Duration,
+    /// Cluster secrets by normalized cluster id (upper-case, `-` → `_`).
+    pub cluster_secrets: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for DiscoveryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiscoveryConfig")
+            .field("enabled", &self.enabled)
+            .field("inactive_after", &self.inactive_after)
+            .field("gone_after", &self.gone_after)
+            .field("timestamp_window", &self.timestamp_window)
+            .field("token_ttl", &self.token_ttl)
+            .field("clusters_with_secrets", &self.cluster_secrets.len())
+            .finish()
+    }
+}
+
+impl DiscoveryConfig {
+    /// The secret of `cluster_id`, if configured.
+    pub fn secret_for(&self, cluster_id: &str) -> Option<&str> {
+        self.cluster_secrets
+            .get(&normalize_cluster_id(cluster_id))
+            .map(String::as_str)
+    }
+}
+
+/// The env-var spelling of a cluster id: upper-cased, `-` → `_`.
+pub fn normalize_cluster_id(id: &str) -> String {
+    id.to_ascii_uppercase().replace('-', "_")
+}
+
+/// The env var holding a cluster's secret.
+pub fn cluster_secret_var(id: &str) -> String {
+    format!("CLUSTER_SECRET_{}", normalize_cluster_id(id))
+}
+
+/// A resolved hub configuration.
+#[derive(Clone)]
+pub struct Config {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Facade address (port 0 picks one).
+    pub http: SocketAddr,
+    /// Mesh listen addresses.
+    pub mesh_listen: Vec<Multiaddr>,
+    /// Hubs dialled at start.
+    pub bootstrap: Vec<Multiaddr>,
+    /// Federation name.
+    pub federation: String,
+    /// Allowlist (empty: open membership).
+    pub allowlist: Vec<PeerId>,
+    /// Anti-entropy period.
+    pub sync_interval: Duration,
+    /// Facade TLS.
+    pub tls: TlsMode,
+    /// Admin token (resolved secret); `None` until [`Config::resolve_secrets`].
+    pub admin_token: Option<String>,
+    /// Explicit admin token file.
+    pub admin_token_file: Option<PathBuf>,
+    /// Requests arriving directly from loopback are admin.
+    pub admin_from_loopback: bool,
+    /// Rate limits.
+    pub rate_limits: RateLimitConfig,
+    /// CORS origins (empty: no CORS headers).
+    pub cors_origins: Vec<String>,
+    /// Per-request timeout.
+    pub request_timeout: Duration,
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Most concurrent facade connections.
+    pub max_connections: usize,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Discovery family.
+    pub discovery: DiscoveryConfig,
+    /// Time in-flight requests get at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("data_dir", &self.data_dir)
+            .field("http", &self.http)
+            .field("mesh_listen", &self.mesh_listen)
+            .field("bootstrap", &self.bootstrap)
+            .field("federation", &self.federation)
+            .field("allowlist", &self.allowlist)
+            .field("tls", &self.tls)
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "<set>"))
+            .field("rate_limits", &self.rate_limits)
+            .field("discovery", &self.discovery)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            http: DEFAULT_HTTP.parse().expect("a constant, valid address"),
+            mesh_listen: vec![DEFAULT_MESH.parse().expect("a constant, valid multiaddr")],
+            bootstrap: Vec::new(),
+            federation: DEFAULT_FEDERATION.into(),
+            allowlist: Vec::new(),
+            sync_interval: Duration::from_secs(30),
+            tls: TlsMode::None,
+            admin_token: None,
+            admin_token_file: None,
+            admin_from_loopback: true,
+            rate_limits: RateLimitConfig {
+                enabled: true,
+                discovery_per_minute: 60,
+                trusted_proxies: Vec::new(),
+            },
+            cors_origins: Vec::new(),
+            request_timeout: Duration::from_secs(30),
+            max_body_bytes: 64 * 1024,
+            max_connections: 10_000,
+            log_format: LogFormat::Text,
+            discovery: DiscoveryConfig {
+                enabled: true,
+                inactive_after: Duration::from_secs(300),
+                gone_after: Duration::from_secs(86_400),
+                timestamp_window: Duration::from_secs(300),
+                token_ttl: Duration::from_secs(86_400),
+                cluster_secrets: BTreeMap::new(),
+            },
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+fn parse_on_off(what: &str, v: &str) -> Result<bool, NodeError> {
+    match v.to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" | "yes" => Ok(true),
+        "off" | "false" | "0" | "no" => Ok(false),
+        _ => Err(NodeError::Config(format!(
+            "{what}: expected on|off, got {v:?}"
+        ))),
+    }
+}
+
+fn nonempty<T>(v: Vec<T>) -> Option<Vec<T>> {
+    (!v.is_empty()).then_some(v)
+}
+
+impl Config {
+    /// Resolves flags and env (already merged by clap), the config file, and
+    /// the defaults, in that order of precedence. Reads `CLUSTER_SECRET_*`
+    /// from the process environment. Does not touch the data dir.
+    pub fn load(args: &RunArgs) -> Result<Config, NodeError> {
+        let file = match &args.config {
+            Some(path) => Self::read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::merge(args, file, &env)
+    }
+
+    /// Parses a config file.
+    pub fn read_file(path: &Path) -> Result<FileConfig, NodeError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// The merge behind [`Config::load`], with the environment passed in (tests).
+    pub fn merge(
+        args: &RunArgs,
+        file: FileConfig,
+        env: &[(String, String)],
+    ) -> Result<Config, NodeError> {
+        let d = Config::default();
+        let ff = file.facade;
+        let fd = file.discovery;
+        let allowlist = match nonempty(args.allowlist.clone()) {
+            Some(v) => v,
+            None => file
+                .allowlist
+                .unwrap_or_default()
+                .iter()
+                .map(|s| {
+                    s.parse::<PeerId>()
+                        .map_err(|e| NodeError::Config(format!("allowlist entry {s:?}: {e}")))
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let tls_mode = args.tls.clone().or(ff.tls).unwrap_or_else(|| "none".into());
+        let tls = match tls_mode.as_str() {
+            "none" => TlsMode::None,
+            "self-signed" => TlsMode::SelfSigned {
+                names: ff
+                    .tls_names
+                    .unwrap_or_else(|| vec!["localhost".into(), "127.0.0.1".into()]),
+            },
+            "files" => TlsMode::Files {
+                cert: args.tls_cert.clone().or(ff.tls_cert).ok_or_else(|| {
+                    NodeError::Config("tls = files needs tls_cert (--tls-cert)".into())
+                })?,
+                key: args.tls_key.clone().or(ff.tls_key).ok_or_else(|| {
+                    NodeError::Config("tls = files needs tls_key (--tls-key)".into())
+                })?,
+            },
+            "acme" => {
+                return Err(NodeError::Config(
+                    "tls = acme is reserved and not implemented yet; use self-signed or files"
+                        .into(),
+                ));
+            }
+            other => {
+                return Err(NodeError::Config(format!(
+                    "tls: expected none | self-signed | files, got {other:?}"
+                )));
+            }
+        };
+        let rate_enabled = match args.rate_limits.clone().or(ff.rate_limits) {
+            Some(v) => parse_on_off("rate_limits", &v)?,
+            None => d.rate_limits.enabled,
+        };
+        let log_format = match args
+            .log_format
+            .clone()
+            .or(ff.log_format)
+            .as_deref()
+            .unwrap_or("text")
+        {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(NodeError::Config(format!(
+                    "log_format: expected text | json, got {other:?}"
+                )));
+            }
+        };
+        let secs = Duration::from_secs;
+        let inactive_after = args
+            .discovery_inactive_after_secs
+            .or(fd.inactive_after_secs)
+            .map(secs)
+            .unwrap_or(d.discovery.inactive_after);
+        let gone_after = args
+            .discovery_gone_after_secs
+            .or(fd.gone_after_secs)
+            .map(secs)
+            .unwrap_or(d.discovery.gone_after);
+        if inactive_after.is_zero() || gone_after < inactive_after {
+            return Err(NodeError::Config(
+                "discovery: need 0 < inactive_after <= gone_after".into(),
+            ));
+        }
+        // Cluster secrets: the file first, then env (env wins).
+        let mut cluster_secrets = BTreeMap::new();
+        if let Some(path) = &fd.cluster_secrets_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))?;
+            let table: BTreeMap<String, String> = toml::from_str(&text)
+                .map_err(|e| NodeError::Config(format!("{}: {e}", path.display())))?;
+            for (id, secret) in table {
+                cluster_secrets.insert(normalize_cluster_id(&id), secret);
+            }
+        }
+        for (k, v) in env {
+            if let Some(id) = k.strip_prefix("CLUSTER_SECRET_")
+                && !id.is_empty()
+                && !v.is_empty()
+            {
+                cluster_secrets.insert(normalize_cluster_id(id), v.clone());
+            }
+        }
+        let admin_token = env
+            .iter()
+            .find(|(k, _)| k == "HUBMESH_ADMIN_TOKEN")
+            .map(|(_, v)| v.trim().to_owned())
+            .filter(|v| !v.is_empty());
+        let per_minute = fd
+            .rate_per_minute
+            .unwrap_or(d.rate_limits.discovery_per_minute);
+        if per_minute == 0 {
+            return Err(NodeError::Config(
+                "discovery.rate_per_minute must be > 0".into(),
+            ));
+        }
+        let max_body_bytes = ff.max_body_bytes.unwrap_or(d.max_body_bytes);
+        if max_body_bytes < 1024 {
+            return Err(NodeError::Config(
+                "facade.max_body_bytes must be >= 1024".into(),
+            ));
+        }
+        Ok(Config {
+            data_dir: args
+                .data_dir
+                .clone()
+                .or(file.data_dir)
+                .unwrap_or(d.data_dir),
+            http: args.http.or(file.http).unwrap_or(d.http),
+            mesh_listen: nonempty(args.mesh.clone())
+                .or(file.mesh)
+                .unwrap_or(d.mesh_listen),
+            bootstrap: nonempty(args.bootstrap.clone())
+                .or(file.bootstrap)
+                .unwrap_or_default(),
+            federation: args
+                .federation
+                .clone()
+                .or(file.federation)
+                .unwrap_or(d.federation),
+            allowlist,
+            sync_interval: args
+                .sync_interval_secs
+                .or(file.sync_interval_secs)
+                .map(secs)
+                .unwrap_or(d.sync_interval),
+            tls,
+            admin_token,
+            admin_token_file: args.admin_token_file.clone().or(ff.admin_token_file),
+            admin_from_loopback: ff.admin_from_loopback.unwrap_or(true),
+            rate_limits: RateLimitConfig {
+                enabled: rate_enabled,
+                discovery_per_minute: per_minute,
+                trusted_proxies: nonempty(args.trusted_proxy.clone())
+                    .or(ff.trusted_proxies)
+                    .unwrap_or_default(),
+            },
+            cors_origins: nonempty(args.cors_origin.clone())
+                .or(ff.cors_origins)
+                .unwrap_or_default(),
+            request_timeout: ff
+                .request_timeout_secs
+                .map(secs)
+                .unwrap_or(d.request_timeout),
+            max_body_bytes,
+            max_connections: ff.max_connections.unwrap_or(d.max_connections).max(1),
+            log_format,
+            discovery: DiscoveryConfig {
+                enabled: fd.enabled.unwrap_or(true),
+                inactive_after,
+                gone_after,
+                cluster_secrets,
+                ..d.discovery
+            },
+            shutdown_grace: file
+                .shutdown_grace_secs
+                .map(secs)
+                .unwrap_or(d.shutdown_grace),
+        })
+    }
+
+    /// Resolves the admin token: `HUBMESH_ADMIN_TOKEN`, else the configured
+    /// token file, else `DATA_DIR/admin.token`, generated (mode 0600) on
+    /// first run.
+    pub fn resolve_secrets(&mut self) -> Result<(), NodeError> {
+        if self.admin_token.is_some() {
+            return Ok(());
+        }
+        let (path, generate) = match &self.admin_token_file {
+            Some(p) => (p.clone(), false),
+            None => (self.data_dir.join("admin.token"), true),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(s) if !s.trim().is_empty() => {
+                self.admin_token = Some(s.trim().to_owned());
+                Ok(())
+            }
+            Ok(_) => Err(NodeError::Config(format!(
+                "{}: empty admin token",
+                path.display()
+            ))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && generate => {
+                use rand::RngCore;
+                let mut b = [0u8; 32];
+                rand::rngs::OsRng.fill_bytes(&mut b);
+                let token = b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+                std::fs::create_dir_all(&self.data_dir)?;
+                hubmesh_store::write_private(&path, token.as_bytes())?;
+                self.admin_token = Some(token);
+                Ok(())
+            }
+            Err(e) => Err(NodeError::Config(format!("{}: {e}", path.display()))),
+        }
+    }
+}
+
+/// The commented config file `hubmesh init` writes. Every value shown is the default.
+pub const CONFIG_TEMPLATE: &str = r#"# hubmesh hub configuration (TOML). Precedence: flag > HUBMESH_* env > this file > default.
+# Every value below is the default; uncomment to change. See specs/config.md.
+
+# data_dir = "./hubmesh-data"            # store, identity key, TLS material, admin.token
+# http = "127.0.0.1:8080"                # facade address
+# mesh = ["/ip4/127.0.0.1/udp/4001/quic-v1"]   # QUIC listen addresses (use 0.0.0.0 to federate over a network)
+# bootstrap = []                         # e.g. ["/ip4/10.0.0.2/udp/4001/quic-v1/p2p/12D3Koo..."]
+# federation = "hubmesh-dev"             # hubs only federate within the same name
+# allowlist = []                         # PeerIds; empty = open membership
+# sync_interval_secs = 30                # anti-entropy period
+# shutdown_grace_secs = 10               # in-flight requests get this long at shutdown
+
+[facade]
+# tls = "none"                           # none | self-signed | files  (acme reserved)
+# tls_cert = "/etc/hubmesh/cert.pem"     # for tls = "files"
+# tls_key = "/etc/hubmesh/key.pem"
+# tls_names = ["localhost", "127.0.0.1"] # SANs of the self-signed certificate
+# admin_token_file = "<data_dir>/admin.token"  # generated on first run; or set HUBMESH_ADMIN_TOKEN
+# admin_from_loopback = true             # requests straight from 127.0.0.1/::1 are admin
+# rate_limits = "on"                     # on | off (HUBMESH_RATE_LIMITS=off for loopback benchmarks)
+# trusted_proxies = []                   # proxies whose X-Forwarded-For is honoured
+# cors_origins = []                      # e.g. ["https://app.example"], or ["*"]
+# request_timeout_secs = 30
+# max_body_bytes = 65536
+# max_connections = 10000
+# log_format = "text"                    # text | json (RUST_LOG filters)
+
+[discovery]
+# enabled = true
+# inactive_after_secs = 300              # not listed after this long without heartbeat
+# gone_after_secs = 86400                # registration deleted after this long without heartbeat
+# rate_per_minute = 60                   # per client IP
+# cluster_secrets_file = "/etc/hubmesh/cluster-secrets.toml"   # lines: acme-corp = "secret" (mode 0600)
+# Cluster secrets are better given as env vars: CLUSTER_SECRET_ACME_CORP=... for cluster "acme-corp".
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_a_dev_hub() {
+        let c = Config::merge(&RunArgs::default(), FileConfig::default(), &[]).unwrap();
+        assert_eq!(c.http.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.mesh_listen[0].to_string(), DEFAULT_MESH);
+        assert_eq!(c.data_dir, PathBuf::from("./hubmesh-data"));
+        assert!(c.rate_limits.enabled);
+        assert_eq!(c.discovery.inactive_after, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn template_parses_and_precedence_holds() {
+        let file: FileConfig = toml::from_str(CONFIG_TEMPLATE).unwrap();
+        assert!(file.http.is_none());
+        let file: FileConfig = toml::from_str(
+            "http = \"127.0.0.1:9000\"\nfederation = \"f1\"\n[facade]\nrate_limits = \"off\"\n",
+        )
+        .unwrap();
+        let args = RunArgs {
+            http: Some("127.0.0.1:9100".parse().unwrap()),
+            ..RunArgs::default()
+        };
+        let env = vec![
+            ("CLUSTER_SECRET_ACME_CORP".to_string(), "s3".to_string()),
+            ("HUBMESH_ADMIN_TOKEN".to_string(), "tok".to_string()),
+        ];
+        let c = Config::merge(&args, file, &env).unwrap();
+        assert_eq!(c.http.port(), 9100, "flag beats file");
+        assert_eq!(c.federation, "f1", "file beats default");
+        assert!(!c.rate_limits.enabled);
+        assert_eq!(c.discovery.secret_for("acme-corp"), Some("s3"));
+        assert_eq!(c.admin_token.as_deref(), Some("tok"));
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        let args = RunArgs {
+            tls: Some("acme".into()),
+            ..RunArgs::default()
+        };
+        assert!(Config::merge(&args, FileConfig::default(), &[]).is_err());
+        assert!(toml::from_str::<FileConfig>("nope = 1").is_err());
+        let args = RunArgs {
+            rate_limits: Some("maybe".into()),
+            ..RunArgs::default()
+        };
+        assert!(Config::merge(&args, FileConfig::default(), &[]).is_err());
+    }
+}
