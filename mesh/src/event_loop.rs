@@ -64,6 +64,17 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Result<(), MeshError>>,
     },
     SyncNow(oneshot::Sender<()>),
+    /// Find a hub's addresses through the DHT; `true` if it was found.
+    FindPeer {
+        peer: PeerId,
+        reply: oneshot::Sender<bool>,
+    },
+    /// Test hook: DHT put to named peers, bypassing the local store.
+    DhtPutTo {
+        records: Vec<Record>,
+        peers: Vec<PeerId>,
+        reply: oneshot::Sender<()>,
+    },
     SetBlocked {
         peers: BTreeSet<PeerId>,
         reply: oneshot::Sender<()>,
@@ -169,11 +180,12 @@ pub(crate) struct EventLoop {
     jobs_rx: mpsc::Receiver<Job>,
     jobs_in_flight: usize,
     lookups: HashMap<QueryId, PendingLookup>,
+    find_peers: HashMap<QueryId, (PeerId, oneshot::Sender<bool>)>,
     pending_dials: HashMap<ConnectionId, oneshot::Sender<Result<(), MeshError>>>,
     strikes: HashMap<PeerId, u32>,
     pending_merge: Vec<Record>,
     dht_queue: VecDeque<Record>,
-    dht_puts: usize,
+    dht_puts: std::collections::HashSet<QueryId>,
     /// Cursor over own records still to re-put into the DHT after a start.
     republish: Option<u64>,
     republish_started: bool,
@@ -219,11 +231,12 @@ impl EventLoop {
             jobs_rx,
             jobs_in_flight: 0,
             lookups: HashMap::new(),
+            find_peers: HashMap::new(),
             pending_dials: HashMap::new(),
             strikes: HashMap::new(),
             pending_merge: Vec::new(),
             dht_queue: VecDeque::new(),
-            dht_puts: 0,
+            dht_puts: Default::default(),
             republish: None,
             republish_started: false,
         }
@@ -368,6 +381,37 @@ impl EventLoop {
                 }
                 let _ = reply.send(());
             }
+            Command::FindPeer { peer, reply } => {
+                if self.conns.contains_key(&peer) {
+                    let _ = reply.send(true);
+                } else if self.find_peers.len() >= MAX_LOOKUPS {
+                    let _ = reply.send(false);
+                } else {
+                    let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+                    self.find_peers.insert(id, (peer, reply));
+                }
+            }
+            Command::DhtPutTo {
+                records,
+                peers,
+                reply,
+            } => {
+                let now = self.store.clock().now_ms();
+                for record in records {
+                    let Ok(bytes) = codec::encode_record(&record) else {
+                        continue;
+                    };
+                    let key = RecordKey::new(&dht_key(&record.ns, &record.key));
+                    if let Some(r) = to_kad_record(key, bytes, now) {
+                        self.swarm.behaviour_mut().kad.put_record_to(
+                            r,
+                            peers.clone().into_iter(),
+                            Quorum::One,
+                        );
+                    }
+                }
+                let _ = reply.send(());
+            }
             Command::SetBlocked { peers, reply } => {
                 let heal = peers.is_empty();
                 for peer in &peers {
@@ -477,7 +521,7 @@ impl EventLoop {
     }
 
     fn pump_dht_puts(&mut self) {
-        while self.dht_puts < MAX_DHT_PUTS_IN_FLIGHT {
+        while self.dht_puts.len() < MAX_DHT_PUTS_IN_FLIGHT {
             let Some(record) = self.dht_queue.pop_front() else {
                 break;
             };
@@ -495,7 +539,9 @@ impl EventLoop {
                 .kad
                 .put_record(kad_record, Quorum::One)
             {
-                Ok(_) => self.dht_puts += 1,
+                Ok(id) => {
+                    self.dht_puts.insert(id);
+                }
                 Err(e) => tracing::debug!(error = %e, "DHT put refused locally"),
             }
         }
@@ -788,8 +834,24 @@ impl EventLoop {
                     }
                 }
                 QueryResult::GetRecord(_) => self.finish_lookup(id),
+                QueryResult::GetClosestPeers(result) => {
+                    if let Some((peer, reply)) = self.find_peers.remove(&id) {
+                        let found = match result {
+                            Ok(ok) => ok.peers,
+                            Err(kad::GetClosestPeersError::Timeout { peers, .. }) => peers,
+                        };
+                        let mut known = false;
+                        for info in found.into_iter().filter(|i| i.peer_id == peer) {
+                            for addr in info.addrs {
+                                self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+                                known = true;
+                            }
+                        }
+                        let _ = reply.send(known);
+                    }
+                }
                 QueryResult::PutRecord(result) => {
-                    self.dht_puts = self.dht_puts.saturating_sub(1);
+                    self.dht_puts.remove(&id);
                     if let Err(e) = result {
                         tracing::debug!(error = %e, "DHT put did not reach a quorum");
                     }

@@ -147,16 +147,17 @@ impl Mesh {
         let incoming = control
             .accept(names.signal.clone())
             .map_err(|e| MeshError::Config(format!("signal protocol: {e}")))?;
+        let (commands, command_rx) = mpsc::channel(COMMAND_BUFFER);
         let signals = Arc::new(SignalRelay::new(
             peer_id,
             control,
             names.signal.clone(),
             sink.clone(),
+            commands.clone(),
         ));
         let signal_task = tokio::spawn(run_inbound(incoming, sink.clone(), cancel.clone()));
 
         let book = PeerBook::load(&config.data_dir.join("peers.cbor"));
-        let (commands, command_rx) = mpsc::channel(COMMAND_BUFFER);
         let mut event_loop = EventLoop::new(
             swarm,
             command_rx,
@@ -264,6 +265,23 @@ impl Mesh {
             gossip,
             dht,
             reply: Some(reply),
+        })
+        .await
+    }
+
+    /// Test hook: puts records straight to the DHT stores of `peers`,
+    /// without storing or validating them here (to play a misbehaving hub).
+    /// Not part of the stable API.
+    #[doc(hidden)]
+    pub async fn dht_put_to(
+        &self,
+        records: Vec<Record>,
+        peers: Vec<PeerId>,
+    ) -> Result<(), MeshError> {
+        self.ask(|reply| Command::DhtPutTo {
+            records,
+            peers,
+            reply,
         })
         .await
     }

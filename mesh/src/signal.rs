@@ -29,6 +29,10 @@ pub use crate::protocol::MAX_SIGNAL_BYTES;
 
 /// How long opening a stream (dialling the target if needed) may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// DHT lookups for a hub whose address is unknown before it is unreachable.
+const DHT_ROUNDS: u32 = 3;
+/// Pause between those lookups.
+const DHT_RETRY: Duration = Duration::from_millis(250);
 /// How long one frame may wait for the receiver's flow-control window.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most inbound signal streams read at once (over all peers).
@@ -53,6 +57,7 @@ pub(crate) struct SignalRelay {
     control: libp2p_stream::Control,
     protocol: StreamProtocol,
     sink: EventSink,
+    commands: tokio::sync::mpsc::Sender<crate::event_loop::Command>,
     outbound: Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<Option<Writer>>>>>,
 }
 
@@ -70,12 +75,14 @@ impl SignalRelay {
         control: libp2p_stream::Control,
         protocol: StreamProtocol,
         sink: EventSink,
+        commands: tokio::sync::mpsc::Sender<crate::event_loop::Command>,
     ) -> Self {
         SignalRelay {
             local,
             control,
             protocol,
             sink,
+            commands,
             outbound: Mutex::new(HashMap::new()),
         }
     }
@@ -92,6 +99,52 @@ impl SignalRelay {
     pub(crate) fn forget(&self, target: &PeerId) {
         if let Ok(mut map) = self.outbound.lock() {
             map.remove(target);
+        }
+    }
+
+    /// Opens a stream to `target`, dialling it if needed; when no address of
+    /// it is known, asks the DHT for one first.
+    async fn open(&self, target: PeerId) -> Result<Stream, SignalError> {
+        let unreachable = || SignalError::Unreachable(target.to_string());
+        let deadline = tokio::time::Instant::now() + OPEN_TIMEOUT;
+        let mut dht_rounds = 0;
+        loop {
+            let mut control = self.control.clone();
+            let opened = tokio::time::timeout_at(
+                deadline,
+                control.open_stream(target, self.protocol.clone()),
+            )
+            .await
+            .map_err(|_| unreachable())?;
+            let error = match opened {
+                Ok(stream) => return Ok(stream),
+                Err(e) => e,
+            };
+            tracing::debug!(%target, %error, "cannot open a signal stream");
+            if dht_rounds == DHT_ROUNDS {
+                return Err(unreachable());
+            }
+            if dht_rounds > 0 {
+                // The hub may have joined a moment ago: give the DHT time to learn it.
+                tokio::time::sleep(DHT_RETRY).await;
+            }
+            dht_rounds += 1;
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let command = crate::event_loop::Command::FindPeer {
+                peer: target,
+                reply: tx,
+            };
+            self.commands
+                .send(command)
+                .await
+                .map_err(|_| SignalError::Closed)?;
+            let found = tokio::time::timeout_at(deadline, rx)
+                .await
+                .map_err(|_| unreachable())?
+                .map_err(|_| SignalError::Closed)?;
+            if !found {
+                tracing::debug!(%target, "the DHT does not know the hub (yet)");
+            }
         }
     }
 
@@ -118,22 +171,8 @@ impl SignalRelay {
             // failure on it is retried once on a fresh stream.
             let fresh = guard.is_none();
             if fresh {
-                let mut control = self.control.clone();
-                let opened = tokio::time::timeout(
-                    OPEN_TIMEOUT,
-                    control.open_stream(target, self.protocol.clone()),
-                )
-                .await;
-                match opened {
-                    Ok(Ok(stream)) => {
-                        *guard = Some(FramedWrite::new(stream.compat(), frame_codec()))
-                    }
-                    Ok(Err(e)) => {
-                        tracing::debug!(%target, error = %e, "cannot open a signal stream");
-                        return Err(SignalError::Unreachable(target.to_string()));
-                    }
-                    Err(_) => return Err(SignalError::Unreachable(target.to_string())),
-                }
+                let stream = self.open(target).await?;
+                *guard = Some(FramedWrite::new(stream.compat(), frame_codec()));
             }
             let writer = guard.as_mut().ok_or(SignalError::Closed)?;
             match tokio::time::timeout(SEND_TIMEOUT, writer.send(payload.clone())).await {
