@@ -1,6 +1,7 @@
 //! Replication across hubs over real QUIC on loopback: gossip fan-out,
 //! catch-up of a restarted hub by anti-entropy, partition and heal, and DHT
 //! lookups of records a hub never received by gossip.
+#![allow(clippy::unwrap_used)] // integration tests: a failed unwrap is a failed test
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Hostile input: forged records on every inbound path (sync page, gossip,
 //! DHT put), banning of a repeat offender, the allowlist refusing a stranger,
 //! and malformed frames on the sync and signal protocols.
+#![allow(clippy::unwrap_used)] // integration tests: a failed unwrap is a failed test
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Signal relay across hubs: per-pair order under concurrent senders, size
 //! limit, and an explicit error for an unreachable hub.
+#![allow(clippy::unwrap_used)] // integration tests: a failed unwrap is a failed test
 
 mod common;
 
@@ -35,16 +36,13 @@ async fn signals_arrive_in_order_per_pair_and_unreachable_is_reported() {
     let (mut from_a, mut from_b) = (Vec::new(), Vec::new());
     tokio::time::timeout(Duration::from_secs(20), async {
         while from_a.len() < N as usize || from_b.len() < N as usize {
-            match c.events.recv().await.unwrap() {
-                MeshEvent::Signal { from, payload } => {
-                    let n = u32::from_be_bytes(payload.try_into().unwrap());
-                    if from == a.id() {
-                        from_a.push(n);
-                    } else if from == b.id() {
-                        from_b.push(n);
-                    }
+            if let MeshEvent::Signal { from, payload } = c.events.recv().await.unwrap() {
+                let n = u32::from_be_bytes(payload.try_into().unwrap());
+                if from == a.id() {
+                    from_a.push(n);
+                } else if from == b.id() {
+                    from_b.push(n);
                 }
-                _ => {}
             }
         }
     })

@@ -1,6 +1,6 @@
 //! Shared harness for the mesh integration tests: hubs on 127.0.0.1 QUIC
 //! port 0, each with its own temporary data dir, and deadline-bounded polling.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
