@@ -190,10 +190,10 @@ async fn forged_records_are_rejected_on_every_path_and_offenders_banned() {
             m.mesh.publish_via(forged, true, false).await.unwrap();
             let left = tokio::time::timeout(Duration::from_millis(300), async {
                 loop {
-                    if let Some(MeshEvent::PeerLeft(p)) = v_events.recv().await {
-                        if p == m.id() {
-                            return;
-                        }
+                    if let Some(MeshEvent::PeerLeft(p)) = v_events.recv().await
+                        && p == m.id()
+                    {
+                        return;
                     }
                 }
             })
