@@ -38,7 +38,7 @@ enum Command {
         force: bool,
     },
     /// Run a hub.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show a running hub's identity, addresses, peers, records and sync state.
     Status(HubArgs),
     /// List a running hub's mesh peers with latency.
@@ -137,7 +137,7 @@ fn main() -> anyhow::Result<()> {
                 config,
                 force,
             } => init(data_dir, config, force),
-            Command::Run(args) => run(args).await,
+            Command::Run(args) => run(*args).await,
             Command::Status(hub) => print_get(&hub, "/admin/status").await,
             Command::Peers(hub) => print_get(&hub, "/admin/peers").await,
             Command::Lookup { hub, ns, key } => {

@@ -2,6 +2,8 @@
 //! every documented status and JSON error of the Discovery family, the
 //! operator API guard, health and metrics.
 
+#![allow(clippy::unwrap_used, clippy::field_reassign_with_default)] // test helpers
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
