@@ -230,6 +230,58 @@ async fn discovery_across_two_hub_processes() -> Result<()> {
     })
     .await?;
 
+    // The discovery helpers of the CLI: register at hub 2, look up at hub 1.
+    let out = Command::new(BIN)
+        .args([
+            "discovery",
+            "register",
+            "--hub",
+            &h2.http,
+            "--cluster",
+            "acme-corp",
+        ])
+        .args(["--public-url", "https://cli.example:9090"])
+        .env("CLUSTER_SECRET_ACME_CORP", ACME)
+        .output()?;
+    assert!(out.status.success(), "{out:?}");
+    let reg: Value = serde_json::from_slice(&out.stdout)?;
+    let cli_id = reg["serverId"].as_str().context("serverId")?.to_owned();
+    let cli_token = reg["token"].as_str().context("token")?.to_owned();
+    wait_for(
+        &h1,
+        "acme-corp",
+        &t1,
+        "CLI-registered server at hub 1",
+        |ids| ids.contains(&cli_id),
+    )
+    .await?;
+    let out = Command::new(BIN)
+        .args([
+            "discovery",
+            "lookup",
+            "--hub",
+            &h1.http,
+            "--cluster",
+            "acme-corp",
+        ])
+        .args(["--token", &cli_token])
+        .output()?;
+    assert!(out.status.success(), "{out:?}");
+    assert!(ids(&serde_json::from_slice(&out.stdout)?).contains(&cli_id));
+    let out = Command::new(BIN)
+        .args([
+            "discovery",
+            "register",
+            "--hub",
+            &h2.http,
+            "--cluster",
+            "acme-corp",
+        ])
+        .args(["--public-url", "https://cli.example:9090"])
+        .env("CLUSTER_SECRET_ACME_CORP", "wrong")
+        .output()?;
+    assert!(!out.status.success(), "a wrong secret fails");
+
     // The operator CLI over the same hubs.
     let out = Command::new(BIN)
         .args(["status", "--hub", &h2.http])

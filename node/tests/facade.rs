@@ -370,3 +370,44 @@ async fn rate_limit_answers_429_with_retry_after() {
     assert_eq!(s, StatusCode::OK);
     hub.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_signed_tls_serves_https() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Config::default();
+    c.data_dir = dir.path().to_path_buf();
+    c.http = "127.0.0.1:0".parse().unwrap();
+    c.mesh_listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()];
+    c.tls = hubmesh_node::config::TlsMode::SelfSigned {
+        names: vec!["localhost".into()],
+    };
+    let hub = tokio::time::timeout(Duration::from_secs(30), Hub::spawn(c))
+        .await
+        .unwrap()
+        .unwrap();
+    let client = reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let r = client
+        .get(format!("https://{}/health", hub.http_addr()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Plain HTTP on the TLS port does not get an answer.
+    let plain = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    assert!(
+        plain
+            .get(format!("http://{}/health", hub.http_addr()))
+            .send()
+            .await
+            .is_err()
+    );
+    assert!(dir.path().join("tls/self-signed.pem").exists());
+    hub.shutdown().await;
+}
