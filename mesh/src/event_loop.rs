@@ -30,7 +30,7 @@ use crate::peers::PeerBook;
 use crate::protocol::{
     MAX_PAGE_BYTES, MAX_PAGE_RECORDS, MAX_SYNC_ORIGINS, Names, SyncRequest, SyncResponse,
 };
-use crate::validate::{Validator, dht_key};
+use crate::validate::{Validator, dht_key, split_dht_key};
 
 /// What one connected hub looks like to the owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -791,7 +791,7 @@ impl EventLoop {
         {
             return Ok(None);
         }
-        self.validator.validate(&record)?;
+        self.validator.validate_decoded(&record)?;
         Ok(Some(record))
     }
 
@@ -814,16 +814,26 @@ impl EventLoop {
                         record: Some(record),
                         ..
                     },
-            } => match self
-                .validator
-                .validate_dht(record.key.as_ref(), &record.value)
-            {
-                Ok(r) => self.pending_merge.push(r),
-                Err(e) => {
-                    tracing::debug!(peer = %source, error = %e, "rejecting DHT put");
-                    self.strike(source, 1);
+            } => {
+                // Usually gossip got here first: the exact record is held
+                // (validated when stored), so it costs no signature check.
+                if let Some((ns, key)) = split_dht_key(record.key.as_ref())
+                    && let Ok(Some(held)) = self.store.get_raw(ns, key)
+                    && held == record.value
+                {
+                    return;
                 }
-            },
+                match self
+                    .validator
+                    .validate_dht(record.key.as_ref(), &record.value)
+                {
+                    Ok(r) => self.pending_merge.push(r),
+                    Err(e) => {
+                        tracing::debug!(peer = %source, error = %e, "rejecting DHT put");
+                        self.strike(source, 1);
+                    }
+                }
+            }
             kad::Event::OutboundQueryProgressed {
                 id, result, step, ..
             } => match result {

@@ -4,15 +4,18 @@
 //! namespace-specific checks. Cheap checks run first so that junk costs no
 //! signature verification.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hubmesh_store::{Clock, Record, codec};
+use hubmesh_store::{Clock, OriginId, Record, codec};
 use libp2p::PeerId;
+use libp2p::identity::PublicKey;
 
 use crate::config::{Membership, RecordValidator};
 use crate::error::ValidationError;
-use crate::identity::verify_record;
+use crate::identity::origin_key;
 
 /// How far ahead of our clock a record's version may be: a peer's clock may
 /// be skewed, but not by more than this.
@@ -26,7 +29,13 @@ pub struct Validator {
     max_expiry_ahead_ms: u64,
     clock: Clock,
     custom: Option<RecordValidator>,
+    /// Decoded origin keys: decoding an ed25519 key (point decompression)
+    /// costs about a third of a signature check, and origins are few.
+    keys: Arc<Mutex<HashMap<OriginId, PublicKey>>>,
 }
+
+/// Most origin keys cached; the cache is emptied when full.
+const MAX_CACHED_KEYS: usize = 4096;
 
 impl fmt::Debug for Validator {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -53,6 +62,7 @@ impl Validator {
             max_expiry_ahead_ms: max_expiry_ahead.as_millis() as u64,
             clock,
             custom,
+            keys: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
@@ -63,16 +73,23 @@ impl Validator {
 
     /// Decodes wire bytes (size-bounded by the codec) and validates the record.
     pub fn validate_bytes(&self, bytes: &[u8]) -> Result<Record, ValidationError> {
+        // Decoding applies the store's size and shape limits.
         let record =
             codec::decode_record(bytes).map_err(|e| ValidationError::Malformed(e.to_string()))?;
-        self.validate(&record)?;
+        self.validate_decoded(&record)?;
         Ok(record)
     }
 
-    /// Validates a decoded record; returns its origin.
+    /// Validates a record from anywhere; returns its origin.
     pub fn validate(&self, record: &Record) -> Result<PeerId, ValidationError> {
-        // Shape and size: re-encoding applies the store's limits.
+        // Shape and size: encoding applies the store's limits.
         codec::encode_record(record).map_err(|e| ValidationError::Malformed(e.to_string()))?;
+        self.validate_decoded(record)
+    }
+
+    /// [`Validator::validate`] for a record that came out of
+    /// `codec::decode_record` (which already checked shape and size).
+    pub(crate) fn validate_decoded(&self, record: &Record) -> Result<PeerId, ValidationError> {
         let now_ms = self.clock.now_ms();
         if record.is_expired(now_ms) {
             return Err(ValidationError::Expired {
@@ -99,11 +116,31 @@ impl Validator {
         if !self.is_member(&claimed) {
             return Err(ValidationError::NotMember(claimed.to_string()));
         }
-        let origin = verify_record(record)?;
+        let key = self.origin_key(record)?;
+        if !key.verify(&codec::signing_bytes(record), &record.sig) {
+            return Err(ValidationError::Signature);
+        }
+        let origin = claimed;
         if let Some(custom) = &self.custom {
             custom(record).map_err(ValidationError::Refused)?;
         }
         Ok(origin)
+    }
+
+    fn origin_key(&self, record: &Record) -> Result<PublicKey, ValidationError> {
+        if let Ok(keys) = self.keys.lock()
+            && let Some(k) = keys.get(&record.origin)
+        {
+            return Ok(k.clone());
+        }
+        let (_, key) = origin_key(&record.origin)?;
+        if let Ok(mut keys) = self.keys.lock() {
+            if keys.len() >= MAX_CACHED_KEYS {
+                keys.clear();
+            }
+            keys.insert(record.origin.clone(), key.clone());
+        }
+        Ok(key)
     }
 
     /// Validates a DHT record: the kad key must be `ns 0x00 key` of the record.
