@@ -251,3 +251,73 @@ mod tests {
         );
     }
 }
+/// The examples in `specs/mesh.md` are these exact bytes.
+#[cfg(test)]
+mod spec_examples {
+    use super::*;
+    use hubmesh_store::{Record, Version};
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
+    fn encodings_match_the_spec() {
+        let r = Record {
+            ns: "s".into(),
+            key: "k".into(),
+            body: vec![1],
+            origin: OriginId::new(vec![2]),
+            version: Version {
+                wall_ms: 3,
+                counter: 4,
+            },
+            seq: 5,
+            expires_ms: 6,
+            deleted: false,
+            terms: vec!["t".into()],
+            sig: vec![7],
+        };
+        let enc = |v: &dyn Fn() -> Vec<u8>| hex(&v());
+        assert_eq!(
+            enc(&|| codec::encode_record(&r).unwrap()),
+            "01aa00617301616b02410103410204a2000301040505060607f408816174094107"
+        );
+        assert_eq!(
+            enc(&|| codec::encode_value(&SyncRequest::Watermarks(vec![(
+                OriginId::new(vec![2]),
+                9
+            )]))
+            .unwrap()),
+            "01a16a57617465726d61726b738182410209"
+        );
+        assert_eq!(
+            enc(&|| codec::encode_value(&SyncRequest::Pull {
+                origin: OriginId::new(vec![2]),
+                after: 9
+            })
+            .unwrap()),
+            "01a101a20041020109"
+        );
+        assert_eq!(
+            enc(
+                &|| codec::encode_value(&SyncResponse::Behind(vec![(OriginId::new(vec![2]), 9)]))
+                    .unwrap()
+            ),
+            "01a166426568696e648182410209"
+        );
+        assert_eq!(
+            enc(&|| codec::encode_value(&SyncResponse::Page {
+                records: vec![serde_bytes::ByteBuf::from(vec![1u8])],
+                next_after: None,
+                watermark: 3
+            })
+            .unwrap()),
+            "01a101a30081410101f60203"
+        );
+        assert_eq!(
+            enc(&|| codec::encode_value(&SyncResponse::Refused("x".into())).unwrap()),
+            "01a167526566757365646178"
+        );
+    }
+}
