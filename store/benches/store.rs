@@ -8,7 +8,8 @@
 //!   and deleted), as a ratio to the live data size.
 //!
 //! `HUBMESH_BENCH_QUICK=1` shrinks every size tenfold (for a smoke run);
-//! `HUBMESH_BENCH_ONLY=merges,gets,durable,churn` picks scenarios.
+//! `HUBMESH_BENCH_ONLY=merges,gets,durable,engine,churn` picks scenarios
+//! (`engine` is context: raw sled with no record logic).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -175,6 +176,38 @@ fn bench_durable(body_len: usize) -> (f64, f64) {
     (median(runs), median(per_flush))
 }
 
+/// The engine's own ceiling, for context: single inserts of 300-byte values
+/// into raw sled (no record logic), and the latency of one insert + flush.
+fn bench_engine() -> (f64, f64) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = sled::Config::new()
+        .path(dir.path())
+        .flush_every_ms(Some(1000))
+        .open()
+        .expect("sled");
+    let n = 200_000 / scale();
+    let value = vec![0xabu8; 300];
+    let mut runs = Vec::new();
+    for run in 0..3 {
+        let t = db.open_tree(format!("t{run}")).expect("tree");
+        let start = Instant::now();
+        for i in 0..n {
+            let key = format!("cluster-{:04}/{:016x}", i % 1000, i);
+            t.insert(key.as_bytes(), value.clone()).expect("insert");
+        }
+        runs.push(n as f64 / start.elapsed().as_secs_f64());
+    }
+    let t = db.open_tree("flush").expect("tree");
+    let mut flushes = Vec::new();
+    for i in 0..200u32 {
+        let start = Instant::now();
+        t.insert(i.to_be_bytes(), value.clone()).expect("insert");
+        db.flush().expect("flush");
+        flushes.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    (median(runs), median(flushes))
+}
+
 fn bench_churn(body_len: usize) -> (f64, u64, u64) {
     let live = 100_000 / scale();
     let dir = tempfile::tempdir().expect("tempdir");
@@ -262,6 +295,12 @@ fn main() {
             verdict(durable >= 10_000.0)
         );
         println!("  writes per flush (median): {per_flush:.1}");
+    }
+    if run("engine") {
+        let (inserts, flush_ms) = bench_engine();
+        println!(
+            "raw sled inserts/s (context, 1 thread):      {inserts:>10.0}   insert+flush median {flush_ms:.2} ms"
+        );
     }
     if run("churn") {
         let (ratio, disk, live) = bench_churn(body_len);

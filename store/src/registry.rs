@@ -76,8 +76,7 @@ pub struct StoreConfig {
     /// Source of time.
     pub clock: Clock,
     /// How long the flusher waits for more writers to join a group commit
-    /// before flushing: it waits in steps of a fifth of this while writers keep
-    /// arriving, so a lone write pays one step and a crowd shares one flush.
+    /// before flushing (adds at most this much to an acknowledged write).
     pub commit_delay: Duration,
 }
 
@@ -87,7 +86,7 @@ impl Default for StoreConfig {
             path: None,
             cache_bytes: 256 * 1024 * 1024,
             clock: Clock::System,
-            commit_delay: Duration::from_millis(2),
+            commit_delay: Duration::from_micros(500),
         }
     }
 }
@@ -313,7 +312,11 @@ impl Store {
         let mut w = BatchWriter::default();
         let mut outcomes = Vec::with_capacity(records.len());
         for rec in records {
-            outcomes.push(w.merge_one(&self.inner.reg, &mut st, rec, now)?);
+            let outcome = match codec::encode_record(&rec) {
+                Ok(bytes) => w.merge_one(&self.inner.reg, &mut st, rec, bytes, now)?,
+                Err(e) => MergeOutcome::Rejected(e.to_string()),
+            };
+            outcomes.push(outcome);
         }
         w.advance_watermarks(&st);
         self.apply_locked(&mut st, w)?;
@@ -367,15 +370,9 @@ impl Store {
             };
             rec.check_shape()?;
             rec.sig = signer.sign(&codec::signing_bytes(&rec));
-            codec::encode_record(&rec)?;
-            match w.merge_one(&self.inner.reg, &mut st, rec.clone(), now)? {
+            let bytes = codec::encode_record(&rec)?;
+            match w.merge_one(&self.inner.reg, &mut st, rec.clone(), bytes, now)? {
                 MergeOutcome::Applied | MergeOutcome::Expired => {}
-                MergeOutcome::Rejected(reason) => {
-                    return Err(StoreError::Corrupt {
-                        context: "originate".into(),
-                        reason,
-                    });
-                }
                 other => {
                     return Err(StoreError::Backend(format!(
                         "own write did not apply: {other:?}"
@@ -454,24 +451,22 @@ impl Store {
     /// The held record for `(ns, key)` if not expired, tombstones included
     /// (what the mesh serves to peers, so deletes travel too).
     pub fn get_any(&self, ns: &str, key: &str) -> Result<Option<Record>> {
-        let now = self.inner.clock.now_ms();
-        match self.inner.reg.get(&rec_key(ns, key))? {
-            Some(v) => {
-                let r = codec::decode_record(&v)?;
-                Ok((!r.is_expired(now)).then_some(r))
-            }
-            None => Ok(None),
-        }
+        Ok(self.held(ns, key)?.map(|(r, _)| r))
     }
 
     /// The encoded bytes of the held record for `(ns, key)` (tombstones
     /// included, expired excluded), exactly as stored and signed.
     pub fn get_raw(&self, ns: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.held(ns, key)?.map(|(_, raw)| raw.to_vec()))
+    }
+
+    /// The unexpired held record for a key, decoded and as stored.
+    fn held(&self, ns: &str, key: &str) -> Result<Option<(Record, crate::kv::Value)>> {
         let now = self.inner.clock.now_ms();
         match self.inner.reg.get(&rec_key(ns, key))? {
             Some(v) => {
                 let r = codec::decode_record(&v)?;
-                Ok((!r.is_expired(now)).then(|| v.to_vec()))
+                Ok((!r.is_expired(now)).then_some((r, v)))
             }
             None => Ok(None),
         }
@@ -819,12 +814,9 @@ impl BatchWriter {
         reg: &Tree,
         st: &mut WriteState,
         rec: Record,
+        bytes: Vec<u8>,
         now: u64,
     ) -> Result<MergeOutcome> {
-        let bytes = match codec::encode_record(&rec) {
-            Ok(b) => b,
-            Err(e) => return Ok(MergeOutcome::Rejected(e.to_string())),
-        };
         self.seen
             .entry(rec.origin.clone())
             .or_default()
