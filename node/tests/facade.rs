@@ -150,9 +150,11 @@ async fn discovery_statuses_and_errors() {
     assert_error(&v, "invalid_field");
     let mut big = body.clone();
     big["version"] = Value::String("x".repeat(10_000));
-    let (s, _, v) = call(&app, post_json("/api/v1/servers/register", &big)).await;
+    let (s, h, v) = call(&app, post_json("/api/v1/servers/register", &big)).await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
     assert_error(&v, "too_large");
+    // The unread body makes the connection unusable: clients are told not to reuse it.
+    assert_eq!(h["connection"], "close");
 
     // Bad key, bad URL, bad id: 422.
     bad = register_body("acme-corp", SECRET, S2, &now_rfc3339(0));
