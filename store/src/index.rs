@@ -2,11 +2,13 @@
 //! records at open: which version of each key is held, each origin's records
 //! by sequence number, records by expiry, and declared index terms.
 //!
-//! Deriving them instead of persisting them keeps one engine write per record
-//! (sled manages ~70k inserts/s on this machine class, so four writes per
-//! record capped merges near 20k/s) and makes index/record divergence after a
-//! crash impossible. The cost is memory (~250 bytes per record) and an open
-//! that reads every record once.
+//! Deriving them instead of persisting them keeps one engine write per
+//! record: raw sled does 65-77k inserts/s here (`HUBMESH_BENCH_ONLY=engine
+//! cargo bench -p hubmesh-store`), and four writes per record capped merges
+//! near 20k/s (the same bench at commit 9f54c94). It also makes index/record
+//! divergence after a crash impossible. The cost is memory (~250 bytes per
+//! record, estimated from the structures, not measured) and an open that
+//! reads every record once.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
