@@ -27,6 +27,31 @@ const LEEWAY_SECS: u64 = 30;
 /// Verified tokens kept in memory (verification is an ed25519 check).
 const TOKEN_CACHE: u64 = 100_000;
 
+/// Audience of user tokens of the federation-hub family (`POST /token`,
+/// OAuth login): the bearer of `/users/me`, `/profile`, `/ws/signal`.
+pub const USER_AUDIENCE: &str = "hubmesh:user";
+
+/// Claims of a user token (federation-hub family). The user lives on its home
+/// hub (`iss`); every member hub verifies the token with `iss`'s public key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserClaims {
+    /// Home hub (PeerId) that issued the token and holds the account.
+    pub iss: String,
+    /// Username on the home hub.
+    pub sub: String,
+    /// Audience: [`USER_AUDIENCE`].
+    pub aud: String,
+    /// Issued at, seconds since the epoch.
+    pub iat: u64,
+    /// Expiry, seconds since the epoch.
+    pub exp: u64,
+    /// Unique token id (the handle a logout revokes).
+    pub jti: String,
+    /// Whether the account is a hub admin on its home hub.
+    #[serde(default)]
+    pub admin: bool,
+}
+
 /// Claims of a Discovery server token (`specs/facade.md`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerClaims {
@@ -154,6 +179,7 @@ pub struct TokenService {
     encoding: Arc<EncodingKey>,
     members: Members,
     cache: moka::sync::Cache<String, Arc<ServerClaims>>,
+    user_cache: moka::sync::Cache<String, Arc<UserClaims>>,
 }
 
 impl std::fmt::Debug for TokenService {
@@ -208,6 +234,10 @@ impl TokenService {
                 .max_capacity(TOKEN_CACHE)
                 .time_to_live(Duration::from_secs(3600))
                 .build(),
+            user_cache: moka::sync::Cache::builder()
+                .max_capacity(TOKEN_CACHE)
+                .time_to_live(Duration::from_secs(3600))
+                .build(),
         })
     }
 
@@ -249,12 +279,58 @@ impl TokenService {
             }
             return Ok(c);
         }
-        let claims = Arc::new(self.verify_uncached(token)?);
+        let claims = Arc::new(self.verify_uncached::<ServerClaims>(token, DISCOVERY_AUDIENCE)?);
         self.cache.insert(token.to_owned(), claims.clone());
         Ok(claims)
     }
 
-    fn verify_uncached(&self, token: &str) -> Result<ServerClaims, TokenError> {
+    /// Issues a user token for `username` (an account of this hub) valid for
+    /// `ttl`.
+    pub fn issue_user(
+        &self,
+        username: &str,
+        admin: bool,
+        ttl: Duration,
+    ) -> Result<(String, UserClaims), ApiError> {
+        let iat = now_secs();
+        let claims = UserClaims {
+            iss: self.me.to_string(),
+            sub: username.to_owned(),
+            aud: USER_AUDIENCE.to_owned(),
+            iat,
+            exp: iat + ttl.as_secs(),
+            jti: uuid::Uuid::new_v4().to_string(),
+            admin,
+        };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &claims, &self.encoding)
+            .map_err(ApiError::internal)?;
+        Ok((token, claims))
+    }
+
+    /// Verifies a user token issued by any member hub (signature, expiry,
+    /// audience, member issuer). Revocation is checked by the caller's
+    /// revocation view, not here.
+    pub fn verify_user(&self, token: &str) -> Result<Arc<UserClaims>, TokenError> {
+        if token.len() > 4096 {
+            return Err(TokenError::Invalid("too long".into()));
+        }
+        if let Some(c) = self.user_cache.get(token) {
+            if c.exp + LEEWAY_SECS <= now_secs() {
+                self.user_cache.invalidate(token);
+                return Err(TokenError::Expired);
+            }
+            return Ok(c);
+        }
+        let claims = Arc::new(self.verify_uncached::<UserClaims>(token, USER_AUDIENCE)?);
+        self.user_cache.insert(token.to_owned(), claims.clone());
+        Ok(claims)
+    }
+
+    fn verify_uncached<C: serde::de::DeserializeOwned>(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<C, TokenError> {
         #[derive(Deserialize)]
         struct Iss {
             iss: String,
@@ -277,10 +353,10 @@ impl TokenService {
             .ok_or_else(|| TokenError::Invalid("iss does not embed an ed25519 key".into()))?;
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.leeway = LEEWAY_SECS;
-        validation.set_audience(&[DISCOVERY_AUDIENCE]);
+        validation.set_audience(&[audience]);
         validation.set_issuer(&[iss.as_str()]);
         validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
-        let data = jsonwebtoken::decode::<ServerClaims>(
+        let data = jsonwebtoken::decode::<C>(
             token,
             &DecodingKey::from_ed_der(&public),
             &validation,
