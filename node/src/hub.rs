@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use crate::admin::HubStatus;
 use crate::auth::{AdminGuard, Members, TokenService};
 use crate::config::Config;
-use crate::discovery::{self, Discovery};
+use crate::discovery::Discovery;
 use crate::error::NodeError;
 use crate::facade::{self, AppState};
 use crate::limits::{self, FamilyLimiter};
@@ -87,7 +87,7 @@ impl Hub {
         } else {
             Membership::Allowlist(config.allowlist.iter().copied().collect())
         };
-        mc.validator = Some(Arc::new(discovery::validate_record));
+        mc.validator = Some(Arc::new(crate::records::validate_record));
         let (mesh, events) = Mesh::start(mc, store.clone()).await?;
         match Self::finish_spawn(config, tls, store, mesh.clone(), events).await {
             Ok(hub) => Ok(hub),

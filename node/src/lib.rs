@@ -28,6 +28,7 @@ pub mod hub;
 pub mod limits;
 pub mod metrics;
 pub mod openapi;
+pub mod records;
 pub mod tls;
 
 pub use config::{Config, RunArgs};
