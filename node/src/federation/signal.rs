@@ -1,0 +1,996 @@
+//! `WS /ws/signal?token=JWT` (compat §E): one session per node, bound to the
+//! node identity of the token's account. A `{type:"signal", target_node_id,
+//! payload}` frame reaches the target on whatever hub it is connected to
+//! (locally through the target's outbound queue; across hubs over the mesh
+//! signal relay, one ordered stream per hub pair), as `{type:"signal",
+//! from_node_id, payload}`; every refusal is an error frame `{type:"error",
+//! message, code}` (codes in `specs/federation.md`).
+//!
+//! Memory per socket is bounded: 4 KiB read buffer, no write buffering, a
+//! maximum message and frame size, a bounded outbound queue (a reader that
+//! lets it fill is disconnected: the relay never waits on one slow socket),
+//! and a per-connection frame rate. Keep-alive pings close dead peers; the
+//! hub's shutdown closes every socket with a close frame.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Query, State};
+use axum::response::Response;
+use axum::routing::get;
+use governor::{DefaultDirectRateLimiter, Quota};
+use hubmesh_mesh::{Mesh, PeerId, SignalError};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use utoipa::IntoParams;
+
+use super::nodes::{self, now_ms};
+use super::{Limit, presence, profile};
+use crate::auth::UserClaims;
+use crate::facade::AppState;
+
+/// Signaling settings (`[signal]` in the config file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignalConfig {
+    /// Presence record lifetime; rewritten every third of it.
+    pub presence_ttl: Duration,
+    /// Most WebSocket sessions on this hub.
+    pub max_sessions: usize,
+    /// Largest text frame a client may send (larger: `too_large` error frame).
+    pub max_message_bytes: usize,
+    /// Frames per second per connection (burst: twice that); 0 = unlimited.
+    pub frames_per_second: u32,
+    /// Outbound frames queued per socket before the reader is dropped.
+    pub outbound_queue: usize,
+    /// Keep-alive ping period.
+    pub ping_interval: Duration,
+    /// Without any frame from the client for this long, the socket is closed.
+    pub ping_timeout: Duration,
+    /// `POST /register-node-id` per minute per client IP.
+    pub register_per_minute: u32,
+    /// `PUT`/`DELETE /profile` per minute per client IP.
+    pub profile_per_minute: u32,
+}
+
+impl Default for SignalConfig {
+    fn default() -> Self {
+        SignalConfig {
+            presence_ttl: Duration::from_secs(30),
+            max_sessions: 50_000,
+            max_message_bytes: 16 * 1024,
+            frames_per_second: 50,
+            outbound_queue: 64,
+            ping_interval: Duration::from_secs(20),
+            ping_timeout: Duration::from_secs(60),
+            register_per_minute: 10,
+            profile_per_minute: 20,
+        }
+    }
+}
+
+/// `[signal]` table of the config file; every field optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSignal {
+    /// Presence TTL, seconds (3..=600). Default 30.
+    pub presence_ttl_secs: Option<u64>,
+    /// Most WebSocket sessions. Default 50000.
+    pub max_sessions: Option<usize>,
+    /// Largest client text frame, bytes (1024..=49152). Default 16384.
+    pub max_message_bytes: Option<usize>,
+    /// Frames per second per connection, 0 = unlimited. Default 50.
+    pub frames_per_second: Option<u32>,
+    /// Outbound queue per socket, frames (1..=4096). Default 64.
+    pub outbound_queue: Option<usize>,
+    /// Keep-alive ping period, seconds. Default 20.
+    pub ping_interval_secs: Option<u64>,
+    /// Keep-alive timeout, seconds (> ping interval). Default 60.
+    pub ping_timeout_secs: Option<u64>,
+    /// Node registrations per minute per client IP. Default 10.
+    pub register_per_minute: Option<u32>,
+    /// Profile updates per minute per client IP. Default 20.
+    pub profile_per_minute: Option<u32>,
+}
+
+impl FileSignal {
+    /// The resolved settings, checked.
+    pub fn resolve(self) -> Result<SignalConfig, crate::error::NodeError> {
+        let d = SignalConfig::default();
+        let bad = |m: &str| Err(crate::error::NodeError::Config(format!("signal.{m}")));
+        let c = SignalConfig {
+            presence_ttl: self
+                .presence_ttl_secs
+                .map(Duration::from_secs)
+                .unwrap_or(d.presence_ttl),
+            max_sessions: self.max_sessions.unwrap_or(d.max_sessions),
+            max_message_bytes: self.max_message_bytes.unwrap_or(d.max_message_bytes),
+            frames_per_second: self.frames_per_second.unwrap_or(d.frames_per_second),
+            outbound_queue: self.outbound_queue.unwrap_or(d.outbound_queue),
+            ping_interval: self
+                .ping_interval_secs
+                .map(Duration::from_secs)
+                .unwrap_or(d.ping_interval),
+            ping_timeout: self
+                .ping_timeout_secs
+                .map(Duration::from_secs)
+                .unwrap_or(d.ping_timeout),
+            register_per_minute: self.register_per_minute.unwrap_or(d.register_per_minute),
+            profile_per_minute: self.profile_per_minute.unwrap_or(d.profile_per_minute),
+        };
+        if !(3..=600).contains(&c.presence_ttl.as_secs()) {
+            return bad("presence_ttl_secs must be 3..=600");
+        }
+        if !(1024..=48 * 1024).contains(&c.max_message_bytes) {
+            return bad("max_message_bytes must be 1024..=49152");
+        }
+        if !(1..=4096).contains(&c.outbound_queue) || c.max_sessions == 0 {
+            return bad("outbound_queue must be 1..=4096 and max_sessions > 0");
+        }
+        if c.ping_interval.is_zero() || c.ping_timeout <= c.ping_interval {
+            return bad("need 0 < ping_interval_secs < ping_timeout_secs");
+        }
+        if c.register_per_minute == 0 || c.profile_per_minute == 0 {
+            return bad("register_per_minute and profile_per_minute must be > 0");
+        }
+        Ok(c)
+    }
+}
+
+/// The read buffer of a socket (bytes).
+pub const READ_BUFFER: usize = 4096;
+/// How long one outbound frame may take to write before the socket is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Mesh error replies queued towards other hubs.
+const REPLY_QUEUE: usize = 1024;
+/// Version of the hub-to-hub relay frame.
+const RELAY_VERSION: u8 = 1;
+
+/// Why a session ends, and what the client is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// The node connected again (here or on another hub).
+    TakenOver,
+    /// The outbound queue filled up.
+    SlowConsumer,
+    /// The hub is shutting down.
+    Shutdown,
+    /// The token expired while connected.
+    TokenExpired,
+    /// The token was revoked (logout on any hub).
+    TokenRevoked,
+    /// The account was deleted.
+    AccountDeleted,
+    /// No frame within the keep-alive timeout.
+    PingTimeout,
+    /// A message over the WebSocket size cap.
+    TooLarge,
+    /// The client closed or the connection broke (no close frame sent).
+    Gone,
+}
+
+impl Close {
+    /// Close code and reason.
+    pub fn frame(self) -> Option<(u16, &'static str)> {
+        Some(match self {
+            Close::TakenOver => (4001, "session taken over by a newer connection"),
+            Close::SlowConsumer => (4008, "outbound queue full: reader too slow"),
+            Close::Shutdown => (1001, "hub shutting down"),
+            Close::TokenExpired => (1008, "token expired"),
+            Close::TokenRevoked => (1008, "token revoked"),
+            Close::AccountDeleted => (1008, "account deleted"),
+            Close::PingTimeout => (4000, "keep-alive timeout"),
+            Close::TooLarge => (1009, "message too large"),
+            Close::Gone => return None,
+        })
+    }
+
+    fn error_frame(self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Close::TokenExpired => Some(("token_expired", "token expired; log in again")),
+            Close::TokenRevoked => Some(("token_revoked", "token has been revoked")),
+            Close::AccountDeleted => Some(("account_deleted", "account deleted")),
+            Close::TakenOver => Some(("session_taken_over", "this node connected again elsewhere")),
+            _ => None,
+        }
+    }
+}
+
+struct Kill {
+    token: CancellationToken,
+    reason: OnceLock<Close>,
+}
+
+impl Kill {
+    fn fire(&self, why: Close) {
+        let _ = self.reason.set(why);
+        self.token.cancel();
+    }
+}
+
+struct Entry {
+    session: u64,
+    since_ms: u64,
+    jti: String,
+    exp: u64,
+    tx: mpsc::Sender<String>,
+    kill: Arc<Kill>,
+}
+
+/// A local session, as the refresh pass sees it.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    /// Node id.
+    pub node_id: String,
+    /// Session id.
+    pub session: u64,
+    /// Start, ms since the epoch.
+    pub since_ms: u64,
+    /// Token id.
+    pub jti: String,
+    /// Token expiry, seconds since the epoch.
+    pub exp: u64,
+}
+
+/// The signaling state of one hub: its sessions, the socket tasks, and the
+/// queue of error replies to other hubs.
+pub struct Signaling {
+    config: SignalConfig,
+    peer_id: String,
+    sessions: Mutex<HashMap<String, Entry>>,
+    next_session: AtomicU64,
+    shutting_down: AtomicBool,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    replies: mpsc::Sender<(PeerId, Vec<u8>)>,
+    replies_rx: Mutex<Option<mpsc::Receiver<(PeerId, Vec<u8>)>>>,
+    /// `POST /register-node-id` limit.
+    pub register_limit: Limit,
+    /// `PUT`/`DELETE /profile` limit.
+    pub profile_limit: Limit,
+}
+
+impl std::fmt::Debug for Signaling {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signaling")
+            .field("config", &self.config)
+            .field("sessions", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A refusal answered with an error frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameError {
+    /// Stable code.
+    pub code: &'static str,
+    /// Human-readable text.
+    pub message: String,
+    /// The target the refused signal was for.
+    pub target: Option<String>,
+    /// Ends the session after the error frame.
+    pub close: Option<Close>,
+}
+
+impl FrameError {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        FrameError {
+            code,
+            message: message.into(),
+            target: None,
+            close: None,
+        }
+    }
+    fn target(mut self, t: &str) -> Self {
+        self.target = Some(t.to_owned());
+        self
+    }
+}
+
+#[derive(Deserialize)]
+struct ClientFrame<'a> {
+    #[serde(rename = "type")]
+    kind: String,
+    target_node_id: Option<String>,
+    #[serde(borrow)]
+    payload: Option<&'a RawValue>,
+}
+
+#[derive(Serialize)]
+struct SignalOut<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    from_node_id: &'a str,
+    payload: &'a RawValue,
+}
+
+#[derive(Serialize)]
+struct ErrorOut<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    message: &'a str,
+    code: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    target_node_id: Option<&'a str>,
+}
+
+/// The hub-to-hub relay frame (JSON, `specs/federation.md`).
+#[derive(Serialize, Deserialize)]
+struct Relay<'a> {
+    v: u8,
+    k: String,
+    to: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    from: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    target: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    payload: Option<&'a RawValue>,
+}
+
+fn error_text(code: &str, message: &str, target: Option<&str>) -> String {
+    // Plain strings always serialize.
+    serde_json::to_string(&ErrorOut {
+        kind: "error",
+        message,
+        code,
+        target_node_id: target,
+    })
+    .unwrap_or_default()
+}
+
+fn signal_text(from: &str, payload: &RawValue) -> String {
+    serde_json::to_string(&SignalOut {
+        kind: "signal",
+        from_node_id: from,
+        payload,
+    })
+    .unwrap_or_default()
+}
+
+impl Signaling {
+    /// The signaling state of hub `peer_id`.
+    pub fn new(
+        config: SignalConfig,
+        peer_id: String,
+        register_limit: Limit,
+        profile_limit: Limit,
+    ) -> Self {
+        let (replies, rx) = mpsc::channel(REPLY_QUEUE);
+        Signaling {
+            config,
+            peer_id,
+            sessions: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(rand::random::<u32>() as u64),
+            shutting_down: AtomicBool::new(false),
+            cancel: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            replies,
+            replies_rx: Mutex::new(Some(rx)),
+            register_limit,
+            profile_limit,
+        }
+    }
+
+    /// This hub's PeerId.
+    pub fn peer_id(&self) -> &str {
+        &self.peer_id
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &SignalConfig {
+        &self.config
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+        // A panic while holding this lock cannot leave the map inconsistent
+        // (every critical section is a single map operation).
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Open sessions on this hub.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether no session is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether `node_id` holds a session on this hub.
+    pub fn is_local(&self, node_id: &str) -> bool {
+        self.lock().contains_key(node_id)
+    }
+
+    /// The local sessions.
+    pub fn snapshot(&self) -> Vec<SessionInfo> {
+        self.lock()
+            .iter()
+            .map(|(k, e)| SessionInfo {
+                node_id: k.clone(),
+                session: e.session,
+                since_ms: e.since_ms,
+                jti: e.jti.clone(),
+                exp: e.exp,
+            })
+            .collect()
+    }
+
+    /// Forgets idle clients of the family's REST limiters.
+    pub fn cleanup_limiters(&self) {
+        self.register_limit.limiter.cleanup();
+        self.profile_limit.limiter.cleanup();
+    }
+
+    /// Closes the local session of `node_id`, if any.
+    pub fn kill_node(&self, node_id: &str, why: Close) {
+        if let Some(e) = self.lock().get(node_id) {
+            e.kill.fire(why);
+        }
+    }
+
+    /// Closes the local session `session` of `node_id`, if still open.
+    pub fn kill_session(&self, node_id: &str, session: u64, why: Close) {
+        if let Some(e) = self.lock().get(node_id)
+            && e.session == session
+        {
+            e.kill.fire(why);
+        }
+    }
+
+    /// Closes the local session of `node_id` if it started before `since_ms`.
+    pub fn kill_if_older(&self, node_id: &str, since_ms: u64, why: Close) {
+        if let Some(e) = self.lock().get(node_id)
+            && e.since_ms < since_ms
+        {
+            e.kill.fire(why);
+        }
+    }
+
+    /// Queues `text` on `node_id`'s socket. A full queue drops that reader.
+    fn deliver(&self, node_id: &str, text: String) -> bool {
+        let map = self.lock();
+        let Some(e) = map.get(node_id) else {
+            return false;
+        };
+        match e.tx.try_send(text) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("hubmesh_ws_slow_consumers_total").increment(1);
+                e.kill.fire(Close::SlowConsumer);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    fn insert(&self, node_id: &str, entry: Entry) -> Result<(), ()> {
+        let mut map = self.lock();
+        if !map.contains_key(node_id) && map.len() >= self.config.max_sessions {
+            return Err(());
+        }
+        if let Some(old) = map.insert(node_id.to_owned(), entry) {
+            old.kill.fire(Close::TakenOver);
+        }
+        Ok(())
+    }
+
+    fn remove_if(&self, node_id: &str, session: u64) -> bool {
+        let mut map = self.lock();
+        if map.get(node_id).is_some_and(|e| e.session == session) {
+            map.remove(node_id);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Relays one signal from local node `from`.
+    async fn relay(
+        &self,
+        state: &AppState,
+        from: &str,
+        target: &str,
+        payload: &RawValue,
+    ) -> Result<(), FrameError> {
+        if !nodes::is_node_id(target) {
+            return Err(
+                FrameError::new("unknown_target", "target_node_id is not a node id").target(target),
+            );
+        }
+        if target == from {
+            return Err(FrameError::new("invalid_target", "cannot signal yourself").target(target));
+        }
+        if self.is_local(target) {
+            return if self.deliver(target, signal_text(from, payload)) {
+                Ok(())
+            } else {
+                Err(FrameError::new("target_offline", "target disconnected").target(target))
+            };
+        }
+        match presence::locate(state, target) {
+            Some(p) if p.hub != self.peer_id => {
+                let peer: PeerId = p.hub.parse().map_err(|_| {
+                    FrameError::new("target_offline", "target's hub unknown").target(target)
+                })?;
+                let frame = serde_json::to_vec(&Relay {
+                    v: RELAY_VERSION,
+                    k: "signal".into(),
+                    to: target.to_owned(),
+                    from: Some(from.to_owned()),
+                    target: None,
+                    code: None,
+                    message: None,
+                    payload: Some(payload),
+                })
+                .map_err(|e| FrameError::new("internal", e.to_string()))?;
+                match state.mesh.send_signal(peer, frame).await {
+                    Ok(()) => Ok(()),
+                    Err(SignalError::TooLarge { .. }) => {
+                        Err(FrameError::new("too_large", "payload too large to relay")
+                            .target(target))
+                    }
+                    Err(e) => Err(FrameError::new(
+                        "target_offline",
+                        format!("target's hub is unreachable: {e}"),
+                    )
+                    .target(target)),
+                }
+            }
+            _ => {
+                let known = match state.store.get(nodes::NS, target) {
+                    Ok(Some(_)) => true,
+                    _ => matches!(state.mesh.lookup(nodes::NS, target).await, Ok(Some(_))),
+                };
+                Err(if known {
+                    FrameError::new("target_offline", "target is not connected to any hub")
+                } else {
+                    FrameError::new("unknown_target", "no such node in the federation")
+                }
+                .target(target))
+            }
+        }
+    }
+
+    /// A relay frame from hub `from` (mesh signal event). Never waits: a
+    /// full socket queue drops that reader; an undeliverable signal is
+    /// answered to the sending hub with an error relay frame.
+    pub fn on_mesh_signal(&self, from: PeerId, bytes: &[u8]) {
+        let Ok(r) = serde_json::from_slice::<Relay>(bytes) else {
+            tracing::debug!(%from, "undecodable relay frame dropped");
+            return;
+        };
+        if r.v != RELAY_VERSION {
+            tracing::debug!(%from, v = r.v, "relay frame of an unknown version dropped");
+            return;
+        }
+        match (r.k.as_str(), r.from.as_deref(), r.payload) {
+            ("signal", Some(sender), Some(payload)) => {
+                if !self.deliver(&r.to, signal_text(sender, payload)) {
+                    let reply = Relay {
+                        v: RELAY_VERSION,
+                        k: "error".into(),
+                        to: sender.to_owned(),
+                        from: None,
+                        target: Some(r.to.clone()),
+                        code: Some("target_offline".into()),
+                        message: Some("target is not connected to its hub".into()),
+                        payload: None,
+                    };
+                    if let Ok(b) = serde_json::to_vec(&reply)
+                        && self.replies.try_send((from, b)).is_err()
+                    {
+                        metrics::counter!("hubmesh_ws_error_replies_dropped_total").increment(1);
+                    }
+                }
+            }
+            ("error", _, _) => {
+                let text = error_text(
+                    r.code.as_deref().unwrap_or("target_offline"),
+                    r.message.as_deref().unwrap_or("signal not delivered"),
+                    r.target.as_deref(),
+                );
+                self.deliver(&r.to, text);
+            }
+            _ => tracing::debug!(%from, kind = %r.k, "malformed relay frame dropped"),
+        }
+    }
+
+    /// Sends queued error replies to other hubs until `cancel`.
+    pub async fn run_replies(self: Arc<Self>, mesh: Mesh, cancel: CancellationToken) {
+        let rx = self
+            .replies_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let Some(mut rx) = rx else { return };
+        loop {
+            let (peer, bytes) = tokio::select! {
+                () = cancel.cancelled() => return,
+                m = rx.recv() => match m { Some(m) => m, None => return },
+            };
+            if let Err(e) = mesh.send_signal(peer, bytes).await {
+                tracing::debug!(%peer, error = %e, "error reply not sent");
+            }
+        }
+    }
+
+    /// Step 3 of the hub's teardown: tombstones every local presence (one
+    /// batch), then closes every socket with a close frame and waits for
+    /// the socket tasks (bounded).
+    pub async fn shutdown(&self, mesh: &Mesh) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let ttl = self.config.presence_ttl;
+        let drafts: Vec<_> = self
+            .snapshot()
+            .iter()
+            .map(|s| presence::tombstone(&s.node_id, ttl))
+            .collect();
+        for chunk in drafts.chunks(256) {
+            match tokio::time::timeout(Duration::from_secs(2), mesh.write(chunk.to_vec())).await {
+                Ok(Ok(_)) => {}
+                _ => break,
+            }
+        }
+        self.cancel.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(3), self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("WebSocket sessions still open 3 s after the close frames");
+        }
+    }
+}
+
+/// `/ws/signal` query.
+#[derive(Debug, Clone, Default, Deserialize, IntoParams)]
+pub struct WsQuery {
+    /// User JWT (`POST /token` or OAuth login at the account's home hub).
+    pub token: Option<String>,
+}
+
+fn auth_error(code: &'static str, e: impl std::fmt::Display) -> FrameError {
+    FrameError {
+        code,
+        message: e.to_string(),
+        target: None,
+        close: Some(Close::Gone),
+    }
+}
+
+async fn authorize(
+    state: &AppState,
+    token: Option<&str>,
+) -> Result<(Arc<UserClaims>, String), FrameError> {
+    let token = token
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| auth_error("missing_token", "token query parameter required"))?;
+    let claims = super::authenticate(state, token).map_err(|e| auth_error(e.code, e.message))?;
+    let node = nodes::node_of(state, &claims)
+        .map_err(|e| auth_error("internal", e))?
+        .ok_or_else(|| {
+            auth_error(
+                "node_not_registered",
+                "register a node identity first (POST /register-node-id)",
+            )
+        })?;
+    if let Err(e) = nodes::refresh_if_due(state, &node).await {
+        tracing::warn!(error = %e, "identity refresh failed");
+    }
+    if let Err(e) = profile::refresh_if_due(state, &node.key).await {
+        tracing::warn!(error = %e, "profile refresh failed");
+    }
+    Ok((claims, node.key))
+}
+
+/// The signaling WebSocket.
+#[utoipa::path(
+    get, path = "/ws/signal", tag = "federation",
+    params(WsQuery),
+    responses(
+        (status = 101, description = "WebSocket: `auth_ok`, then signal and error frames (specs/federation.md)"),
+        (status = 400, description = "not a WebSocket upgrade request"),
+        (status = 429, description = "rate limited"),
+    )
+)]
+pub async fn ws_signal(
+    State(state): State<AppState>,
+    Query(q): Query<WsQuery>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let cfg = state.signaling.config().clone();
+    // Twice the application limit: a message between the two gets a
+    // `too_large` error frame and the session goes on; beyond, the
+    // WebSocket layer refuses it without buffering it (close 1009).
+    let hard_cap = cfg.max_message_bytes * 2;
+    let auth = authorize(&state, q.token.as_deref()).await;
+    let tracker = state.signaling.tracker.clone();
+    ws.read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(hard_cap * 2 + 1024)
+        .max_message_size(hard_cap)
+        .max_frame_size(hard_cap)
+        .on_upgrade(move |socket| tracker.track_future(session(state, socket, auth)))
+}
+
+async fn send(socket: &mut WebSocket, m: Message) -> Result<(), ()> {
+    match tokio::time::timeout(WRITE_TIMEOUT, socket.send(m)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+async fn close_with(socket: &mut WebSocket, code: u16, reason: &'static str) {
+    let frame = Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    }));
+    let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(frame)).await;
+}
+
+async fn session(
+    state: AppState,
+    mut socket: WebSocket,
+    auth: Result<(Arc<UserClaims>, String), FrameError>,
+) {
+    let sig = state.signaling.clone();
+    let cfg = sig.config().clone();
+    let (claims, node_id) = match auth {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = send(
+                &mut socket,
+                Message::text(error_text(e.code, &e.message, None)),
+            )
+            .await;
+            close_with(&mut socket, 1008, "authentication failed").await;
+            return;
+        }
+    };
+    if sig.shutting_down.load(Ordering::SeqCst) {
+        close_with(&mut socket, 1001, "hub shutting down").await;
+        return;
+    }
+    let (tx, mut rx) = mpsc::channel::<String>(cfg.outbound_queue.max(1));
+    let kill = Arc::new(Kill {
+        token: CancellationToken::new(),
+        reason: OnceLock::new(),
+    });
+    let session_id = sig.next_session.fetch_add(1, Ordering::Relaxed);
+    let since_ms = now_ms();
+    let entry = Entry {
+        session: session_id,
+        since_ms,
+        jti: claims.jti.clone(),
+        exp: claims.exp,
+        tx,
+        kill: kill.clone(),
+    };
+    if sig.insert(&node_id, entry).is_err() {
+        let _ = send(
+            &mut socket,
+            Message::text(error_text(
+                "too_many_sessions",
+                "this hub is at its session limit",
+                None,
+            )),
+        )
+        .await;
+        close_with(&mut socket, 1013, "try again later").await;
+        return;
+    }
+    // Durable before auth_ok: once the client hears auth_ok, every hub that
+    // has the record can route to it.
+    let presence = presence::draft(
+        &state.peer_id,
+        &node_id,
+        session_id,
+        since_ms,
+        cfg.presence_ttl,
+    );
+    if let Err(e) = state.mesh.write(vec![presence]).await {
+        tracing::warn!(error = %e, "presence write failed");
+        sig.remove_if(&node_id, session_id);
+        let _ = send(
+            &mut socket,
+            Message::text(error_text(
+                "unavailable",
+                "the hub cannot record presence",
+                None,
+            )),
+        )
+        .await;
+        close_with(&mut socket, 1011, "presence unavailable").await;
+        return;
+    }
+    metrics::gauge!("hubmesh_ws_sessions").set(sig.len() as f64);
+    let hello = serde_json::json!({
+        "type": "auth_ok",
+        "message": format!("Successfully connected as {node_id}"),
+        "node_id": node_id,
+    })
+    .to_string();
+    let why = if send(&mut socket, Message::text(hello)).await.is_err() {
+        Close::Gone
+    } else {
+        run_session(&state, &mut socket, &mut rx, &kill, &claims, &node_id).await
+    };
+    if let Some((code, reason)) = why.frame() {
+        if let Some((c, m)) = why.error_frame() {
+            let _ = send(&mut socket, Message::text(error_text(c, m, None))).await;
+        }
+        close_with(&mut socket, code, reason).await;
+    }
+    let removed = sig.remove_if(&node_id, session_id);
+    metrics::gauge!("hubmesh_ws_sessions").set(sig.len() as f64);
+    if removed
+        && why != Close::Shutdown
+        && presence::is_current(&state, &node_id, session_id)
+        && let Err(e) = state
+            .mesh
+            .write(vec![presence::tombstone(&node_id, cfg.presence_ttl)])
+            .await
+    {
+        tracing::debug!(error = %e, "presence tombstone not written");
+    }
+    tracing::debug!(node = %node_id, ?why, "signal session ended");
+}
+
+fn frame_limiter(cfg: &SignalConfig, enabled: bool) -> Option<DefaultDirectRateLimiter> {
+    let per_second = NonZeroU32::new(cfg.frames_per_second).filter(|_| enabled)?;
+    let burst = per_second.saturating_mul(NonZeroU32::MIN.saturating_add(1));
+    Some(DefaultDirectRateLimiter::direct(
+        Quota::per_second(per_second).allow_burst(burst),
+    ))
+}
+
+async fn run_session(
+    state: &AppState,
+    socket: &mut WebSocket,
+    rx: &mut mpsc::Receiver<String>,
+    kill: &Kill,
+    claims: &UserClaims,
+    node_id: &str,
+) -> Close {
+    let sig = &state.signaling;
+    let cfg = sig.config();
+    let limiter = frame_limiter(cfg, state.config.rate_limits.enabled);
+    let mut ping = tokio::time::interval(cfg.ping_interval);
+    ping.tick().await;
+    let mut last_in = Instant::now();
+    loop {
+        tokio::select! {
+            biased;
+            () = kill.token.cancelled() => return kill.reason.get().copied().unwrap_or(Close::Shutdown),
+            () = sig.cancel.cancelled() => return Close::Shutdown,
+            out = rx.recv() => match out {
+                Some(text) => {
+                    if send(socket, Message::text(text)).await.is_err() {
+                        return Close::Gone;
+                    }
+                }
+                None => return Close::Gone,
+            },
+            inbound = socket.recv() => {
+                last_in = Instant::now();
+                let text = match inbound {
+                    None => return Close::Gone,
+                    Some(Err(e)) => {
+                        // tungstenite's capacity error ("Space limit exceeded: Message too long").
+                        let s = e.to_string();
+                        let too_large = s.contains("Space limit") || s.contains("too long");
+                        return if too_large { Close::TooLarge } else { Close::Gone };
+                    }
+                    Some(Ok(Message::Text(t))) => t,
+                    Some(Ok(Message::Binary(_))) => {
+                        let t = error_text("malformed_frame", "binary frames are not supported; send JSON text", None);
+                        if send(socket, Message::text(t)).await.is_err() {
+                            return Close::Gone;
+                        }
+                        continue;
+                    }
+                    Some(Ok(Message::Close(_))) => return Close::Gone,
+                    Some(Ok(_)) => continue,
+                };
+                if let Err(e) = handle_text(state, &limiter, claims, node_id, text.as_str()).await {
+                    metrics::counter!("hubmesh_ws_error_frames_total", "code" => e.code).increment(1);
+                    // A closing error's frame is sent with the close frame.
+                    if let Some(c) = e.close {
+                        return c;
+                    }
+                    let t = error_text(e.code, &e.message, e.target.as_deref());
+                    if send(socket, Message::text(t)).await.is_err() {
+                        return Close::Gone;
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                if last_in.elapsed() > cfg.ping_timeout {
+                    return Close::PingTimeout;
+                }
+                if send(socket, Message::Ping(Default::default())).await.is_err() {
+                    return Close::Gone;
+                }
+            }
+        }
+    }
+}
+
+async fn handle_text(
+    state: &AppState,
+    limiter: &Option<DefaultDirectRateLimiter>,
+    claims: &UserClaims,
+    node_id: &str,
+    text: &str,
+) -> Result<(), FrameError> {
+    let cfg = state.signaling.config();
+    if text.len() > cfg.max_message_bytes {
+        return Err(FrameError::new(
+            "too_large",
+            format!(
+                "frame of {} bytes exceeds the limit of {}",
+                text.len(),
+                cfg.max_message_bytes
+            ),
+        ));
+    }
+    if let Some(l) = limiter
+        && l.check().is_err()
+    {
+        return Err(FrameError::new(
+            "rate_limited",
+            format!(
+                "more than {} frames per second; frame dropped",
+                cfg.frames_per_second
+            ),
+        ));
+    }
+    if claims.exp <= now_ms() / 1000 {
+        return Err(FrameError {
+            close: Some(Close::TokenExpired),
+            ..FrameError::new("token_expired", "token expired; log in again")
+        });
+    }
+    if super::revocation::is_revoked(&state.store, &claims.jti).unwrap_or(false) {
+        return Err(FrameError {
+            close: Some(Close::TokenRevoked),
+            ..FrameError::new("token_revoked", "token has been revoked")
+        });
+    }
+    let f: ClientFrame = serde_json::from_str(text)
+        .map_err(|e| FrameError::new("malformed_frame", format!("not a signal frame: {e}")))?;
+    if f.kind != "signal" {
+        return Err(FrameError::new(
+            "malformed_frame",
+            format!("unknown frame type {:?} (expected \"signal\")", f.kind),
+        ));
+    }
+    let target = f
+        .target_node_id
+        .ok_or_else(|| FrameError::new("malformed_frame", "target_node_id is required"))?;
+    let payload = f
+        .payload
+        .ok_or_else(|| FrameError::new("malformed_frame", "payload is required").target(&target))?;
+    state
+        .signaling
+        .relay(state, node_id, &target, payload)
+        .await
+}
+
+/// The signaling route.
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/ws/signal", get(ws_signal))
+}
