@@ -4,6 +4,9 @@
 //! `lookup` talk to a running hub's operator API; `discovery …` helps a
 //! server register (computing the HMAC) and look up its cluster.
 
+mod testnet;
+mod user;
+
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,6 +17,11 @@ use clap::{Parser, Subcommand};
 use hubmesh_node::config::{self, CONFIG_TEMPLATE, cluster_secret_var};
 use hubmesh_node::discovery::{hmac_message, sign_registration};
 use hubmesh_node::{Config, Hub, RunArgs};
+
+/// mimalloc, the allocator the store and facade benchmarks run with, so the
+/// daemon behaves as measured.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// A peer-to-peer federation of hub daemons.
 #[derive(Debug, Parser)]
@@ -55,6 +63,12 @@ enum Command {
     /// Discovery API helpers (what a server does).
     #[command(subcommand)]
     Discovery(DiscoveryCmd),
+    /// Manage the hub's accounts (works with the hub stopped or running).
+    #[command(subcommand)]
+    User(user::UserCmd),
+    /// A local federation in one command, with faults and benchmarks.
+    #[command(subcommand)]
+    Testnet(testnet::TestnetCmd),
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -144,6 +158,8 @@ fn main() -> anyhow::Result<()> {
                 print_get(&hub, &format!("/admin/lookup/{ns}/{key}")).await
             }
             Command::Discovery(cmd) => discovery(cmd).await,
+            Command::User(cmd) => user::run(cmd).await,
+            Command::Testnet(cmd) => testnet::run(cmd).await,
         }
     })
 }
@@ -172,6 +188,8 @@ fn init(data_dir: PathBuf, config: Option<PathBuf>, force: bool) -> anyhow::Resu
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
+    // A hub started by `hubmesh testnet` stops when the testnet process dies.
+    hubmesh_testnet::exit_with_parent()?;
     let config = Config::load(&args)?;
     hubmesh_node::init_tracing(config.log_format);
     let hub = Hub::spawn(config).await?;

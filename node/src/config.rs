@@ -112,6 +112,15 @@ pub struct RunArgs {
     /// Anti-entropy period with every peer, seconds. Default 30.
     #[arg(long, env = "HUBMESH_SYNC_INTERVAL_SECS", value_name = "SECS")]
     pub sync_interval_secs: Option<u64>,
+    /// Dev mode: every API family on, open self-registration on (unless set explicitly).
+    #[arg(long, env = "HUBMESH_DEV", value_name = "on|off", num_args = 0..=1, default_missing_value = "on")]
+    pub dev: Option<String>,
+    /// Federation hub: open self-registration (`POST /register`): on | off. Default off (on in dev mode).
+    #[arg(long, env = "HUBMESH_SELF_REGISTRATION", value_name = "on|off")]
+    pub self_registration: Option<String>,
+    /// Public base URL of this hub's facade (OAuth redirect URIs). Default: the bound address.
+    #[arg(long, env = "HUBMESH_PUBLIC_URL", value_name = "URL")]
+    pub public_url: Option<String>,
 }
 
 /// The TOML config file. Every field is optional; see [`CONFIG_TEMPLATE`].
@@ -140,6 +149,62 @@ pub struct FileConfig {
     /// Discovery family settings.
     #[serde(default)]
     pub discovery: FileDiscovery,
+    /// See [`RunArgs::dev`].
+    pub dev: Option<bool>,
+    /// Federation-hub family settings.
+    #[serde(default)]
+    pub federation_hub: FileFederationHub,
+    /// Signaling settings (`[signal]`).
+    #[serde(default)]
+    pub signal: crate::federation::signal::FileSignal,
+}
+
+/// `[federation_hub]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileFederationHub {
+    /// Serve the family. Default true.
+    pub enabled: Option<bool>,
+    /// See [`RunArgs::self_registration`].
+    pub self_registration: Option<bool>,
+    /// Lifetime of a user token, seconds (60..=86400). Default 1800.
+    pub token_ttl_secs: Option<u64>,
+    /// Most accounts on this hub. Default 100000.
+    pub max_accounts: Option<usize>,
+    /// See [`RunArgs::public_url`].
+    pub public_url: Option<String>,
+    /// General requests per minute per client IP on this family. Default 60.
+    pub general_per_minute: Option<u32>,
+    /// Login requests (`/token`, `/login/…`, `/register`) per minute per client IP. Default 5.
+    pub login_per_minute: Option<u32>,
+    /// OAuth providers by name (`[federation_hub.oauth.github]`).
+    #[serde(default)]
+    pub oauth: BTreeMap<String, FileOAuthProvider>,
+}
+
+/// `[federation_hub.oauth.NAME]` table. Secrets never go here: the client
+/// secret comes from `HUBMESH_OAUTH_<NAME>_CLIENT_SECRET` or `client_secret_file`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileOAuthProvider {
+    /// `google`, `github` or `generic` (default: the name if it is a preset, else generic).
+    pub preset: Option<String>,
+    /// Client id.
+    pub client_id: Option<String>,
+    /// File holding the client secret (mode 0600).
+    pub client_secret_file: Option<PathBuf>,
+    /// Authorization endpoint (generic; overrides a preset).
+    pub auth_url: Option<String>,
+    /// Token endpoint.
+    pub token_url: Option<String>,
+    /// Userinfo endpoint (GET with the access token as bearer, answers JSON).
+    pub userinfo_url: Option<String>,
+    /// Scopes requested.
+    pub scopes: Option<Vec<String>>,
+    /// Userinfo field with the stable subject id. Default `sub`.
+    pub subject_field: Option<String>,
+    /// Userinfo field naming the account (`<provider>:<value>`). Default `preferred_username`.
+    pub name_field: Option<String>,
 }
 
 /// `[facade]` table.
@@ -189,6 +254,69 @@ pub struct FileDiscovery {
     /// A TOML file of `cluster-id = "secret"` lines (keep it mode 0600).
     pub cluster_secrets_file: Option<PathBuf>,
 }
+
+/// One OAuth 2.0 provider (authorization code + PKCE).
+#[derive(Clone, PartialEq, Eq)]
+pub struct OAuthProviderConfig {
+    /// Name in the URLs (`/login/{name}`), `[a-z0-9_-]`.
+    pub name: String,
+    /// Client id.
+    pub client_id: String,
+    /// Client secret (never logged, never replicated).
+    pub client_secret: Option<String>,
+    /// Authorization endpoint.
+    pub auth_url: String,
+    /// Token endpoint.
+    pub token_url: String,
+    /// Userinfo endpoint.
+    pub userinfo_url: String,
+    /// Scopes requested.
+    pub scopes: Vec<String>,
+    /// Userinfo field with the stable subject id.
+    pub subject_field: String,
+    /// Userinfo field naming the account.
+    pub name_field: String,
+}
+
+impl std::fmt::Debug for OAuthProviderConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OAuthProviderConfig")
+            .field("name", &self.name)
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "<set>"),
+            )
+            .field("auth_url", &self.auth_url)
+            .field("token_url", &self.token_url)
+            .field("userinfo_url", &self.userinfo_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Federation-hub family settings (compat §E).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederationHubConfig {
+    /// Serve the family.
+    pub enabled: bool,
+    /// Open self-registration (`POST /register`).
+    pub self_registration: bool,
+    /// Lifetime of a user token.
+    pub token_ttl: Duration,
+    /// Most accounts on this hub.
+    pub max_accounts: usize,
+    /// Public base URL (OAuth redirect URIs); `None`: the bound address.
+    pub public_url: Option<String>,
+    /// General requests per minute per client IP.
+    pub general_per_minute: u32,
+    /// Login requests per minute per client IP.
+    pub login_per_minute: u32,
+    /// OAuth providers.
+    pub oauth: Vec<OAuthProviderConfig>,
+}
+
+/// Longest user-token lifetime a hub issues; the revocation validator relies on it.
+pub const MAX_USER_TOKEN_TTL: Duration = Duration::from_secs(86_400);
 
 /// Facade TLS mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -320,6 +448,12 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     /// Time in-flight requests get at shutdown.
     pub shutdown_grace: Duration,
+    /// Dev mode (every family on, open self-registration unless set).
+    pub dev: bool,
+    /// Federation-hub family.
+    pub federation_hub: FederationHubConfig,
+    /// Signaling (`/ws/signal`, presence) and node/profile write limits.
+    pub signal: crate::federation::signal::SignalConfig,
 }
 
 impl std::fmt::Debug for Config {
@@ -372,6 +506,18 @@ impl Default for Config {
                 cluster_secrets: BTreeMap::new(),
             },
             shutdown_grace: Duration::from_secs(10),
+            dev: false,
+            federation_hub: FederationHubConfig {
+                enabled: true,
+                self_registration: false,
+                token_ttl: Duration::from_secs(1800),
+                max_accounts: 100_000,
+                public_url: None,
+                general_per_minute: 60,
+                login_per_minute: 5,
+                oauth: Vec::new(),
+            },
+            signal: Default::default(),
         }
     }
 }
@@ -419,6 +565,11 @@ impl Config {
         let d = Config::default();
         let ff = file.facade;
         let fd = file.discovery;
+        let dev = match &args.dev {
+            Some(v) => parse_on_off("dev", v)?,
+            None => file.dev.unwrap_or(false),
+        };
+        let federation_hub = federation_hub_config(args, file.federation_hub, env, dev)?;
         let allowlist = match nonempty(args.allowlist.clone()) {
             Some(v) => v,
             None => file
@@ -578,7 +729,7 @@ impl Config {
             max_connections: ff.max_connections.unwrap_or(d.max_connections).max(1),
             log_format,
             discovery: DiscoveryConfig {
-                enabled: fd.enabled.unwrap_or(true),
+                enabled: dev || fd.enabled.unwrap_or(true),
                 inactive_after,
                 gone_after,
                 cluster_secrets,
@@ -588,6 +739,9 @@ impl Config {
                 .shutdown_grace_secs
                 .map(secs)
                 .unwrap_or(d.shutdown_grace),
+            dev,
+            federation_hub,
+            signal: file.signal.resolve()?,
         })
     }
 
@@ -626,6 +780,178 @@ impl Config {
     }
 }
 
+/// An OAuth preset's endpoints and userinfo fields.
+struct OAuthPreset {
+    auth: &'static str,
+    token: &'static str,
+    userinfo: &'static str,
+    scopes: &'static [&'static str],
+    subject: &'static str,
+    name: &'static str,
+}
+
+fn oauth_preset(preset: &str) -> Option<OAuthPreset> {
+    match preset {
+        "google" => Some(OAuthPreset {
+            auth: "https://accounts.google.com/o/oauth2/v2/auth",
+            token: "https://oauth2.googleapis.com/token",
+            userinfo: "https://openidconnect.googleapis.com/v1/userinfo",
+            scopes: &["openid", "email", "profile"],
+            subject: "sub",
+            name: "email",
+        }),
+        "github" => Some(OAuthPreset {
+            auth: "https://github.com/login/oauth/authorize",
+            token: "https://github.com/login/oauth/access_token",
+            userinfo: "https://api.github.com/user",
+            scopes: &["read:user"],
+            subject: "id",
+            name: "login",
+        }),
+        _ => None,
+    }
+}
+
+fn env_var<'a>(env: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    env.iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.trim())
+        .filter(|v| !v.is_empty())
+}
+
+/// The `[federation_hub]` settings. OAuth providers come from the file's
+/// tables, plus the reference's env variables: `GOOGLE_CLIENT_ID` /
+/// `GOOGLE_CLIENT_SECRET` and `GITHUB_CLIENT_ID` / `GITHUB_CLIENT_SECRET`
+/// configure the presets; `HUBMESH_OAUTH_<NAME>_CLIENT_SECRET` gives any
+/// provider's secret.
+fn federation_hub_config(
+    args: &RunArgs,
+    f: FileFederationHub,
+    env: &[(String, String)],
+    dev: bool,
+) -> Result<FederationHubConfig, NodeError> {
+    let d = Config::default().federation_hub;
+    let self_registration = match &args.self_registration {
+        Some(v) => parse_on_off("self_registration", v)?,
+        None => f.self_registration.unwrap_or(dev),
+    };
+    let token_ttl = f
+        .token_ttl_secs
+        .map(Duration::from_secs)
+        .unwrap_or(d.token_ttl);
+    if token_ttl < Duration::from_secs(60) || token_ttl > MAX_USER_TOKEN_TTL {
+        return Err(NodeError::Config(
+            "federation_hub.token_ttl_secs must be within 60..=86400".into(),
+        ));
+    }
+    let general_per_minute = f.general_per_minute.unwrap_or(d.general_per_minute);
+    let login_per_minute = f.login_per_minute.unwrap_or(d.login_per_minute);
+    if general_per_minute == 0 || login_per_minute == 0 {
+        return Err(NodeError::Config(
+            "federation_hub rate limits must be > 0".into(),
+        ));
+    }
+    let public_url = args.public_url.clone().or(f.public_url);
+    if let Some(u) = &public_url {
+        let parsed =
+            url::Url::parse(u).map_err(|e| NodeError::Config(format!("public_url {u:?}: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(NodeError::Config(format!("public_url {u:?}: not http(s)")));
+        }
+    }
+    let mut tables = f.oauth;
+    for preset in ["google", "github"] {
+        let upper = preset.to_ascii_uppercase();
+        if let Some(id) = env_var(env, &format!("{upper}_CLIENT_ID")) {
+            let t = tables.entry(preset.to_owned()).or_default();
+            t.client_id = Some(id.to_owned());
+        }
+    }
+    let mut oauth = Vec::new();
+    for (name, t) in tables {
+        let bad = |why: &str| NodeError::Config(format!("federation_hub.oauth.{name}: {why}"));
+        if name.is_empty()
+            || name.len() > 32
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        {
+            return Err(bad("provider names are 1-32 of [a-z0-9_-]"));
+        }
+        let preset_name = t.preset.clone().unwrap_or_else(|| name.clone());
+        let preset = oauth_preset(&preset_name);
+        if preset.is_none() && t.preset.as_deref().is_some_and(|p| p != "generic") {
+            return Err(bad("preset must be google, github or generic"));
+        }
+        let upper = name.to_ascii_uppercase().replace('-', "_");
+        let mut secret = env_var(env, &format!("HUBMESH_OAUTH_{upper}_CLIENT_SECRET"))
+            .or_else(|| {
+                preset
+                    .is_some()
+                    .then(|| env_var(env, &format!("{upper}_CLIENT_SECRET")))
+                    .flatten()
+            })
+            .map(str::to_owned);
+        if secret.is_none()
+            && let Some(path) = &t.client_secret_file
+        {
+            let s = std::fs::read_to_string(path)
+                .map_err(|e| bad(&format!("{}: {e}", path.display())))?;
+            secret = Some(s.trim().to_owned()).filter(|s| !s.is_empty());
+        }
+        let pick = |v: Option<String>, p: Option<&'static str>, what: &str| {
+            v.or_else(|| p.map(str::to_owned))
+                .ok_or_else(|| bad(&format!("{what} is required for a generic provider")))
+        };
+        let auth_url = pick(t.auth_url, preset.as_ref().map(|p| p.auth), "auth_url")?;
+        let token_url = pick(t.token_url, preset.as_ref().map(|p| p.token), "token_url")?;
+        let userinfo_url = pick(
+            t.userinfo_url,
+            preset.as_ref().map(|p| p.userinfo),
+            "userinfo_url",
+        )?;
+        for u in [&auth_url, &token_url, &userinfo_url] {
+            let parsed = url::Url::parse(u).map_err(|e| bad(&format!("{u:?}: {e}")))?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                return Err(bad(&format!("{u:?}: not http(s)")));
+            }
+        }
+        oauth.push(OAuthProviderConfig {
+            client_id: t.client_id.ok_or_else(|| bad("client_id is required"))?,
+            client_secret: secret,
+            auth_url,
+            token_url,
+            userinfo_url,
+            scopes: t.scopes.unwrap_or_else(|| {
+                preset
+                    .as_ref()
+                    .map(|p| p.scopes.iter().map(|s| (*s).to_owned()).collect())
+                    .unwrap_or_else(|| vec!["openid".into()])
+            }),
+            subject_field: t
+                .subject_field
+                .unwrap_or_else(|| preset.as_ref().map_or("sub", |p| p.subject).to_owned()),
+            name_field: t.name_field.unwrap_or_else(|| {
+                preset
+                    .as_ref()
+                    .map_or("preferred_username", |p| p.name)
+                    .to_owned()
+            }),
+            name,
+        });
+    }
+    Ok(FederationHubConfig {
+        enabled: dev || f.enabled.unwrap_or(d.enabled),
+        self_registration,
+        token_ttl,
+        max_accounts: f.max_accounts.unwrap_or(d.max_accounts).max(1),
+        public_url,
+        general_per_minute,
+        login_per_minute,
+        oauth,
+    })
+}
+
 /// The commented config file `hubmesh init` writes. Every value shown is the default.
 pub const CONFIG_TEMPLATE: &str = r#"# hubmesh hub configuration (TOML). Precedence: flag > HUBMESH_* env > this file > default.
 # Every value below is the default; uncomment to change. See specs/config.md.
@@ -638,6 +964,7 @@ pub const CONFIG_TEMPLATE: &str = r#"# hubmesh hub configuration (TOML). Precede
 # allowlist = []                         # PeerIds; empty = open membership
 # sync_interval_secs = 30                # anti-entropy period
 # shutdown_grace_secs = 10               # in-flight requests get this long at shutdown
+# dev = false                            # dev mode: every family on, self-registration on (HUBMESH_DEV)
 
 [facade]
 # tls = "none"                           # none | self-signed | files  (acme reserved)
@@ -661,6 +988,30 @@ pub const CONFIG_TEMPLATE: &str = r#"# hubmesh hub configuration (TOML). Precede
 # rate_per_minute = 60                   # per client IP
 # cluster_secrets_file = "/etc/hubmesh/cluster-secrets.toml"   # lines: acme-corp = "secret" (mode 0600)
 # Cluster secrets are better given as env vars: CLUSTER_SECRET_ACME_CORP=... for cluster "acme-corp".
+
+[federation_hub]
+# enabled = true
+# self_registration = false              # POST /register; default on in dev mode
+# token_ttl_secs = 1800                  # user JWT lifetime (60..=86400)
+# max_accounts = 100000
+# public_url = "https://hub.example"     # base of OAuth redirect URIs; default: the bound address
+# general_per_minute = 60                # per client IP, every route of the family
+# login_per_minute = 5                   # per client IP: /token, /login/{provider}, /register
+# OAuth providers: presets google and github (GOOGLE_CLIENT_ID/_SECRET, GITHUB_CLIENT_ID/_SECRET env
+# vars configure them too), or any provider by its URLs. Client secrets: HUBMESH_OAUTH_<NAME>_CLIENT_SECRET
+# or client_secret_file, never this file.
+# [federation_hub.oauth.github]
+# client_id = "..."
+# client_secret_file = "/etc/hubmesh/github.secret"
+# [federation_hub.oauth.corp]
+# preset = "generic"
+# client_id = "hubmesh"
+# auth_url = "https://sso.example/authorize"
+# token_url = "https://sso.example/token"
+# userinfo_url = "https://sso.example/userinfo"
+# scopes = ["openid"]
+# subject_field = "sub"
+# name_field = "preferred_username"
 "#;
 
 #[cfg(test)]

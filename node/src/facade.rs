@@ -31,6 +31,7 @@ use crate::auth::{AdminGuard, TokenService};
 use crate::config::Config;
 use crate::discovery::{self, Discovery};
 use crate::error::ApiError;
+use crate::federation::{self, Federation};
 use crate::limits::{self, FamilyLimiter};
 use crate::metrics;
 
@@ -53,6 +54,10 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// Discovery rate limiter.
     pub discovery_limiter: FamilyLimiter,
+    /// Federation-hub family state (accounts, OAuth, limits).
+    pub federation: Arc<Federation>,
+    /// Signaling sessions (`/ws/signal`) and the node/profile write limits.
+    pub signaling: Arc<crate::federation::signal::Signaling>,
     /// Operator-visible hub state (sync rounds, facade address).
     pub status: Arc<admin::HubStatus>,
     /// Start time.
@@ -81,6 +86,9 @@ async fn root(State(s): State<AppState>) -> axum::Json<Root> {
     if s.config.discovery.enabled {
         families.push("discovery");
     }
+    if s.config.federation_hub.enabled {
+        families.push("federation");
+    }
     axum::Json(Root {
         service: "hubmesh",
         version: env!("CARGO_PKG_VERSION"),
@@ -95,6 +103,7 @@ struct Health {
     status: &'static str,
     store: &'static str,
     mesh_peers: usize,
+    websocket_sessions: usize,
     uptime_secs: u64,
 }
 
@@ -106,6 +115,7 @@ async fn health(State(s): State<AppState>) -> Response {
         status: if ok { "ok" } else { "degraded" },
         store: if store_ok { "ok" } else { "error" },
         mesh_peers: peers.map(|p| p.len()).unwrap_or(0),
+        websocket_sessions: s.signaling.len(),
         uptime_secs: s.started.elapsed().as_secs(),
     };
     let status = if ok {
@@ -189,7 +199,8 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/healthz", get(health))
         .route("/metrics", get(metrics::render))
-        .merge(admin::routes());
+        .merge(admin::routes())
+        .merge(federation::routes(&state));
     if state.config.discovery.enabled {
         app = app.merge(discovery::routes().layer(middleware::from_fn_with_state(
             state.discovery_limiter.clone(),

@@ -29,6 +29,9 @@ use crate::tls;
 /// Re-exported for `hubmesh init`.
 pub use hubmesh_mesh::load_or_create_identity;
 
+/// File in the data dir naming the running facade's URL (`http://127.0.0.1:8080`).
+pub const FACADE_ADDR_FILE: &str = "facade.addr";
+
 /// How often expired records are swept.
 const SWEEP_PERIOD: Duration = Duration::from_secs(5);
 
@@ -118,6 +121,18 @@ impl Hub {
         let mesh_addrs = mesh.listen_addrs().await?;
         let status = Arc::new(HubStatus::default());
         let _ = status.http_addr.set(http_addr);
+        // Where `hubmesh user …` finds the running hub's operator API.
+        let scheme = if config.tls == crate::config::TlsMode::None {
+            "http"
+        } else {
+            "https"
+        };
+        if let Err(e) = std::fs::write(
+            config.data_dir.join(FACADE_ADDR_FILE),
+            format!("{scheme}://{http_addr}\n"),
+        ) {
+            tracing::warn!(error = %e, "could not write {FACADE_ADDR_FILE}");
+        }
         let config = Arc::new(config);
         let state = AppState {
             store: store.clone(),
@@ -130,6 +145,21 @@ impl Hub {
                 config.rate_limits.trusted_proxies.clone(),
             ),
             discovery: Arc::new(Discovery::new(config.discovery.clone())),
+            federation: Arc::new(crate::federation::Federation::new(&config, &store)?),
+            signaling: Arc::new(crate::federation::signal::Signaling::new(
+                config.signal.clone(),
+                peer_id.to_string(),
+                crate::federation::Limit::new(
+                    "federation_register",
+                    config.signal.register_per_minute,
+                    &config,
+                ),
+                crate::federation::Limit::new(
+                    "federation_profile",
+                    config.signal.profile_per_minute,
+                    &config,
+                ),
+            )),
             discovery_limiter: FamilyLimiter::new(
                 "discovery",
                 config.rate_limits.discovery_per_minute,
@@ -141,7 +171,23 @@ impl Hub {
         };
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
-        tracker.spawn(consume_events(events, members, status, cancel.clone()));
+        tracker.spawn(consume_events(
+            events,
+            members,
+            status,
+            state.signaling.clone(),
+            cancel.clone(),
+        ));
+        tracker.spawn(crate::federation::presence::refresh_loop(
+            state.clone(),
+            cancel.clone(),
+        ));
+        tracker.spawn(
+            state
+                .signaling
+                .clone()
+                .run_replies(mesh.clone(), cancel.clone()),
+        );
         {
             let (store, cancel) = (store.clone(), cancel.clone());
             tracker.spawn(async move {
@@ -153,12 +199,16 @@ impl Hub {
         }
         {
             let (limiter, cancel) = (state.discovery_limiter.clone(), cancel.clone());
+            let federation = state.federation.clone();
             tracker.spawn(async move {
                 let mut tick = tokio::time::interval(limits::CLEANUP_PERIOD);
                 loop {
                     tokio::select! {
                         () = cancel.cancelled() => break,
-                        _ = tick.tick() => limiter.cleanup(),
+                        _ = tick.tick() => {
+                            limiter.cleanup();
+                            federation.cleanup();
+                        }
                     }
                 }
             });
@@ -252,7 +302,8 @@ impl Hub {
         if let Err(e) = task.await {
             tracing::warn!(error = %e, "the facade task ended abnormally");
         }
-        // 3: WebSockets would be closed here (no family uses them yet).
+        // 3: WebSockets: presence tombstones, then a close frame on every socket.
+        self.inner.state.signaling.shutdown(&self.inner.mesh).await;
         // 4: the mesh.
         self.inner.mesh.shutdown().await;
         // Background tasks watch the token.
@@ -270,6 +321,7 @@ impl Hub {
             Ok(Err(e)) => tracing::error!(error = %e, "final store flush failed"),
             Err(e) => tracing::error!(error = %e, "final store flush panicked"),
         }
+        let _ = std::fs::remove_file(self.inner.state.config.data_dir.join(FACADE_ADDR_FILE));
         tracing::info!("hub stopped");
     }
 }
@@ -278,6 +330,7 @@ async fn consume_events(
     mut events: mpsc::Receiver<MeshEvent>,
     members: Members,
     status: Arc<HubStatus>,
+    signaling: Arc<crate::federation::signal::Signaling>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -292,6 +345,7 @@ async fn consume_events(
             MeshEvent::RecordAccepted(r) => {
                 status.accepted.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("hubmesh_mesh_records_accepted_total").increment(1);
+                crate::federation::presence::on_record(&signaling, &r);
                 if let Ok(p) = PeerId::from_bytes(r.origin.as_bytes()) {
                     members.saw(p, now_ms());
                 }
@@ -306,9 +360,7 @@ async fn consume_events(
                 status.lagged.fetch_add(dropped, Ordering::Relaxed);
                 tracing::warn!(dropped, "mesh events dropped: the hub lagged");
             }
-            MeshEvent::Signal { from, payload } => {
-                tracing::debug!(%from, bytes = payload.len(), "signal with no consumer yet");
-            }
+            MeshEvent::Signal { from, payload } => signaling.on_mesh_signal(from, &payload),
         }
     }
 }

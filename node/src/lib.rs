@@ -24,11 +24,13 @@ pub mod config;
 pub mod discovery;
 pub mod error;
 pub mod facade;
+pub mod federation;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
 pub mod openapi;
 pub mod records;
+pub mod sealed;
 pub mod tls;
 
 pub use config::{Config, RunArgs};
