@@ -8,7 +8,6 @@
 //! owner (`owner:<iss>/<sub>`), which every hub re-verifies on arrival.
 //! Errors use the family's FastAPI shape ([`FedError`]).
 
-use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
@@ -159,11 +158,11 @@ pub fn node_id_of(spki_der: &[u8]) -> String {
 fn parse_public_key(pem: &str) -> Result<rsa::RsaPublicKey, IdentityError> {
     let pem = pem.trim();
     if pem.contains("BEGIN RSA PUBLIC KEY") {
-        rsa::RsaPublicKey::from_pkcs1_pem(pem)
+        rsa::RsaPublicKey::from_pkcs1_pem(pem).map_err(|e| IdentityError::PublicKey(e.to_string()))
     } else {
         rsa::RsaPublicKey::from_public_key_pem(pem)
+            .map_err(|e| IdentityError::PublicKey(e.to_string()))
     }
-    .map_err(|e| IdentityError::PublicKey(e.to_string()))
 }
 
 /// Runs every identity check of the reference at time `now_ms`.
