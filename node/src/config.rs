@@ -1053,6 +1053,65 @@ mod tests {
     }
 
     #[test]
+    fn federation_hub_oauth_and_dev_mode() {
+        let file: FileConfig = toml::from_str(
+            "[federation_hub]\ntoken_ttl_secs = 600\n[federation_hub.oauth.corp]\npreset = \"generic\"\nclient_id = \"hub\"\nauth_url = \"https://sso.example/a\"\ntoken_url = \"https://sso.example/t\"\nuserinfo_url = \"https://sso.example/u\"\n",
+        )
+        .unwrap();
+        let env = vec![
+            ("GITHUB_CLIENT_ID".to_string(), "gh-id".to_string()),
+            ("GITHUB_CLIENT_SECRET".to_string(), "gh-secret".to_string()),
+            (
+                "HUBMESH_OAUTH_CORP_CLIENT_SECRET".to_string(),
+                "corp-secret".to_string(),
+            ),
+        ];
+        let c = Config::merge(&RunArgs::default(), file, &env).unwrap();
+        let f = &c.federation_hub;
+        assert!(!c.dev && !f.self_registration, "off by default");
+        assert_eq!(f.token_ttl, Duration::from_secs(600));
+        let names: Vec<&str> = f.oauth.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["corp", "github"]);
+        assert_eq!(f.oauth[0].client_secret.as_deref(), Some("corp-secret"));
+        assert_eq!(f.oauth[0].name_field, "preferred_username");
+        assert_eq!(
+            f.oauth[1].token_url,
+            "https://github.com/login/oauth/access_token"
+        );
+        assert_eq!(f.oauth[1].subject_field, "id");
+        assert!(
+            !format!("{c:?}").contains("secret\""),
+            "secrets are not in Debug"
+        );
+        assert!(!format!("{:?}", f.oauth).contains("gh-secret"));
+        let dev = RunArgs {
+            dev: Some("on".into()),
+            ..RunArgs::default()
+        };
+        let file: FileConfig =
+            toml::from_str("[discovery]\nenabled = false\n[federation_hub]\nenabled = false\n")
+                .unwrap();
+        let c = Config::merge(&dev, file, &[]).unwrap();
+        assert!(c.dev && c.federation_hub.self_registration);
+        assert!(
+            c.discovery.enabled && c.federation_hub.enabled,
+            "dev turns families on"
+        );
+        for bad in [
+            "[federation_hub]\ntoken_ttl_secs = 10\n",
+            "[federation_hub.oauth.x]\nclient_id = \"a\"\n",
+            "[federation_hub.oauth.github]\n",
+            "[federation_hub.oauth.github]\nclient_id = \"a\"\nauth_url = \"ftp://x\"\n",
+        ] {
+            let file: FileConfig = toml::from_str(bad).unwrap();
+            assert!(
+                Config::merge(&RunArgs::default(), file, &[]).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn bad_values_are_errors() {
         let args = RunArgs {
             tls: Some("acme".into()),
