@@ -6,6 +6,7 @@ use utoipa::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 
 use crate::discovery;
+use crate::federation::{login, oauth, revocation};
 
 /// The facade's OpenAPI document.
 #[derive(Debug, OpenApi)]
@@ -22,6 +23,12 @@ use crate::discovery;
         discovery::delete_server,
         discovery::admin_clusters,
         discovery::admin_servers,
+        login::token,
+        login::register,
+        login::me,
+        revocation::logout,
+        oauth::login,
+        oauth::callback,
     ),
     components(schemas(
         discovery::RegisterRequest,
@@ -34,9 +41,19 @@ use crate::discovery;
         discovery::AdminClusters,
         discovery::ClusterSummary,
         discovery::AdminServer,
+        login::DetailBody,
+        login::TokenForm,
+        login::TokenResponse,
+        login::SelfRegisterRequest,
+        login::SelfRegisterResponse,
+        login::UserMe,
+        revocation::LogoutResponse,
     )),
     modifiers(&Security),
-    tags((name = "discovery", description = "compat §A: server rendezvous, federated"))
+    tags(
+        (name = "discovery", description = "compat §A: server rendezvous, federated"),
+        (name = "federation", description = "compat §E: federation hub; errors are `{\"detail\": text}` (FastAPI); see specs/accounts.md"),
+    )
 )]
 pub struct ApiDoc;
 

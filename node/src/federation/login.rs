@@ -57,7 +57,7 @@ pub struct TokenResponse {
 
 /// `POST /register` body.
 #[derive(Debug, Clone, Deserialize, ToSchema)]
-pub struct RegisterRequest {
+pub struct SelfRegisterRequest {
     /// 1-64 of `[A-Za-z0-9._-]`, starting with a letter or digit.
     pub username: String,
     /// 8-1024 bytes.
@@ -66,7 +66,7 @@ pub struct RegisterRequest {
 
 /// `POST /register` answer.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct RegisterResponse {
+pub struct SelfRegisterResponse {
     /// The new account.
     pub username: String,
     /// Home hub (PeerId).
@@ -184,9 +184,9 @@ pub async fn token(
 /// Creates an account (open self-registration).
 #[utoipa::path(
     post, path = "/register", tag = "federation",
-    request_body = RegisterRequest,
+    request_body = SelfRegisterRequest,
     responses(
-        (status = 201, description = "created on this hub", body = RegisterResponse),
+        (status = 201, description = "created on this hub", body = SelfRegisterResponse),
         (status = 403, description = "self-registration is disabled", body = DetailBody),
         (status = 409, description = "username taken", body = DetailBody),
         (status = 422, description = "invalid username or password, or malformed body", body = DetailBody),
@@ -196,7 +196,7 @@ pub async fn token(
 )]
 pub async fn register(
     State(state): State<AppState>,
-    FedJson(req): FedJson<RegisterRequest>,
+    FedJson(req): FedJson<SelfRegisterRequest>,
 ) -> Result<Response, FedError> {
     if !state.federation.config.self_registration {
         return Err(ApiError::forbidden("self-registration is disabled on this hub").into());
@@ -210,7 +210,7 @@ pub async fn register(
     tracing::info!(user = %account.username, "self-registered");
     Ok((
         StatusCode::CREATED,
-        ApiJson(RegisterResponse {
+        ApiJson(SelfRegisterResponse {
             username: account.username,
             home_hub: state.peer_id.clone(),
         }),
