@@ -5,6 +5,7 @@
 //! server register (computing the HMAC) and look up its cluster.
 
 mod testnet;
+mod seal;
 mod user;
 
 use std::io::Write;
@@ -66,6 +67,12 @@ enum Command {
     /// Manage the hub's accounts (works with the hub stopped or running).
     #[command(subcommand)]
     User(user::UserCmd),
+    /// Seal stdin to a node's x25519 key (specs/sealed.md); prints the envelope.
+    Seal(seal::SealArgs),
+    /// Open a sealed envelope read on stdin with a secret key file.
+    Open(seal::OpenArgs),
+    /// Generate an x25519 key pair for sealed signals (prints the public key).
+    SealKeygen(seal::KeygenArgs),
     /// A local federation in one command, with faults and benchmarks.
     #[command(subcommand)]
     Testnet(testnet::TestnetCmd),
@@ -159,6 +166,9 @@ fn main() -> anyhow::Result<()> {
             }
             Command::Discovery(cmd) => discovery(cmd).await,
             Command::User(cmd) => user::run(cmd).await,
+            Command::Seal(args) => seal::seal(args).await,
+            Command::Open(args) => seal::open(args),
+            Command::SealKeygen(args) => seal::keygen(args),
             Command::Testnet(cmd) => testnet::run(cmd).await,
         }
     })

@@ -1,0 +1,384 @@
+//! Two real `hubmesh run` processes: node X on hub 1 and node Y on hub 2
+//! (accounts made with `hubmesh user add`, tokens from `POST /token`)
+//! register identities and profiles; a search on hub 2 finds X; X signals Y
+//! and Y answers; a payload sealed with `hubmesh seal` to Y's published key
+//! crosses both hubs and opens with `hubmesh open`; X disconnects and Y's
+//! next signal gets "offline"; a token logged out at hub 1 is refused at
+//! hub 2. Every wait has a deadline.
+
+#![allow(clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures::{SinkExt, StreamExt};
+use hubmesh_node::federation::nodes::node_id_of;
+use rand::SeedableRng;
+use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+
+const BIN: &str = env!("CARGO_BIN_EXE_hubmesh");
+const WAIT: Duration = Duration::from_secs(20);
+const PW: &str = "correct horse battery";
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct HubProc {
+    child: Child,
+    http: String,
+    mesh: String,
+}
+
+impl Drop for HubProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(dir: &Path, bootstrap: Option<&str>) -> Result<HubProc> {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--data-dir"])
+        .arg(dir)
+        .args([
+            "--http",
+            "127.0.0.1:0",
+            "--mesh",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+        ])
+        .args(["--federation", "fed-test"])
+        .env("HUBMESH_RATE_LIMITS", "off")
+        .env("HUBMESH_SYNC_INTERVAL_SECS", "2")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(b) = bootstrap {
+        cmd.args(["--bootstrap", b]);
+    }
+    let mut child = cmd.spawn().context("spawning hubmesh run")?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let Ok(line) = rx.recv_timeout(WAIT) else {
+        let _ = child.kill();
+        bail!("no ready line within {WAIT:?}");
+    };
+    let field = |name: &str| -> Result<String> {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{name}=")))
+            .map(str::to_owned)
+            .with_context(|| format!("no {name}= in {line:?}"))
+    };
+    Ok(HubProc {
+        http: format!("http://{}", field("http")?),
+        mesh: field("mesh")?,
+        child,
+    })
+}
+
+/// Runs the CLI with `args`, `stdin` piped in, within [`WAIT`].
+fn cli(args: &[&str], stdin: &[u8]) -> Result<Output> {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env_remove("HUBMESH_ADMIN_TOKEN")
+        .env_remove("HUBMESH_DATA_DIR")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child.stdin.take().context("stdin")?.write_all(stdin)?;
+    let start = Instant::now();
+    while child.try_wait()?.is_none() {
+        if start.elapsed() > WAIT {
+            let _ = child.kill();
+            bail!("hubmesh {args:?} did not finish in time");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "hubmesh {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+async fn token(hub: &HubProc, user: &str) -> Result<String> {
+    let r = client()
+        .post(format!("{}/token", hub.http))
+        .form(&[("username", user), ("password", PW)])
+        .send()
+        .await?;
+    let v: Value = r.json().await?;
+    Ok(v["access_token"]
+        .as_str()
+        .context("access_token")?
+        .to_owned())
+}
+
+async fn call(
+    hub: &HubProc,
+    method: reqwest::Method,
+    path: &str,
+    tok: Option<&str>,
+    body: Option<Value>,
+) -> Result<(u16, Value)> {
+    let mut r = client().request(method, format!("{}{path}", hub.http));
+    if let Some(t) = tok {
+        r = r.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let resp = r.send().await?;
+    Ok((
+        resp.status().as_u16(),
+        resp.json().await.unwrap_or(Value::Null),
+    ))
+}
+
+/// A fresh RSA-2048 identity: (node_id, registration body).
+fn identity(seed: u64) -> (String, Value) {
+    let k = rsa::RsaPrivateKey::new(&mut rand::rngs::StdRng::seed_from_u64(seed), 2048).unwrap();
+    let public = k.to_public_key();
+    let node_id = node_id_of(public.to_public_key_der().unwrap().as_bytes());
+    let pem = k.to_pkcs8_pem(LineEnding::LF).unwrap();
+    let kp = rcgen::KeyPair::from_pkcs8_pem_and_sign_algo(&pem, &rcgen::PKCS_RSA_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, node_id.clone());
+    let cert = p.self_signed(&kp).unwrap().pem();
+    let body = json!({"node_id": node_id, "public_key": public.to_public_key_pem(LineEnding::LF).unwrap(), "certificate": cert});
+    (node_id, body)
+}
+
+async fn ws(hub: &HubProc, tok: &str) -> Result<Ws> {
+    let u = format!(
+        "{}/ws/signal?token={tok}",
+        hub.http.replacen("http", "ws", 1)
+    );
+    let (s, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(u)).await??;
+    Ok(s)
+}
+
+async fn next(s: &mut Ws) -> Result<Value> {
+    loop {
+        match tokio::time::timeout(WAIT, s.next())
+            .await
+            .context("no frame in time")?
+        {
+            Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t)?),
+            Some(Ok(Message::Close(c))) => bail!("closed: {c:?}"),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => bail!("{e}"),
+            None => bail!("ended"),
+        }
+    }
+}
+
+async fn send(s: &mut Ws, target: &str, payload: Value) -> Result<()> {
+    let f = json!({"type": "signal", "target_node_id": target, "payload": payload});
+    Ok(s.send(Message::text(f.to_string())).await?)
+}
+
+async fn until<F: std::future::Future<Output = Result<bool>>>(
+    what: &str,
+    mut f: impl FnMut() -> F,
+) -> Result<()> {
+    let deadline = Instant::now() + WAIT;
+    while !f().await? {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hub_processes_identity_search_signal_seal_offline_logout() -> Result<()> {
+    let (d1, d2, keys) = (
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+        tempfile::tempdir()?,
+    );
+    let pw = format!("{PW}\n{PW}\n");
+    cli(
+        &[
+            "user",
+            "add",
+            "xavier",
+            "--data-dir",
+            d1.path().to_str().unwrap(),
+        ],
+        pw.as_bytes(),
+    )?;
+    cli(
+        &[
+            "user",
+            "add",
+            "yvonne",
+            "--data-dir",
+            d2.path().to_str().unwrap(),
+        ],
+        pw.as_bytes(),
+    )?;
+    let h1 = start(d1.path(), None)?;
+    let h2 = start(d2.path(), Some(&h1.mesh))?;
+    let tx = token(&h1, "xavier").await?;
+    let ty = token(&h2, "yvonne").await?;
+
+    // Y's sealing key, made with the CLI.
+    let key_file = keys.path().join("y.key");
+    let out = cli(&["seal-keygen", "--out", key_file.to_str().unwrap()], b"")?;
+    let y_public = String::from_utf8(out.stdout)?.trim().to_owned();
+
+    let (x_id, x_body) = identity(11);
+    let (y_id, y_body) = identity(12);
+    let r = call(
+        &h1,
+        reqwest::Method::POST,
+        "/register-node-id",
+        Some(&tx),
+        Some(x_body),
+    )
+    .await?;
+    assert_eq!(r.0, 200, "{r:?}");
+    let r = call(
+        &h2,
+        reqwest::Method::POST,
+        "/register-node-id",
+        Some(&ty),
+        Some(y_body),
+    )
+    .await?;
+    assert_eq!(r.0, 200, "{r:?}");
+    let r = call(
+        &h1,
+        reqwest::Method::PUT,
+        "/profile",
+        Some(&tx),
+        Some(json!({"name": "X", "expertise": [{"topic": "distributed systems", "level": 5}]})),
+    )
+    .await?;
+    assert_eq!(r.0, 200, "{r:?}");
+    let r = call(&h2, reqwest::Method::PUT, "/profile", Some(&ty), Some(json!({"name": "Y", "x25519_public_key": y_public, "expertise": [{"topic": "webrtc", "level": 3}]}))).await?;
+    assert_eq!(r.0, 200, "{r:?}");
+
+    // A search on hub 2 finds X.
+    until("X in hub 2's search", || async {
+        let (s, v) = call(
+            &h2,
+            reqwest::Method::GET,
+            "/discovery/search?q=distributed",
+            None,
+            None,
+        )
+        .await?;
+        Ok(s == 200
+            && v.as_array()
+                .is_some_and(|a| a.iter().any(|p| p["node_id"] == x_id.as_str())))
+    })
+    .await?;
+
+    // X on hub 1, Y on hub 2: X signals Y, Y answers.
+    let mut wx = ws(&h1, &tx).await?;
+    assert_eq!(next(&mut wx).await?["type"], "auth_ok");
+    let mut wy = ws(&h2, &ty).await?;
+    assert_eq!(next(&mut wy).await?["node_id"], y_id.as_str());
+    until("Y online on hub 1", || async {
+        let (_, v) = call(
+            &h1,
+            reqwest::Method::GET,
+            &format!("/profile/{y_id}"),
+            None,
+            None,
+        )
+        .await?;
+        Ok(v["online"] == true)
+    })
+    .await?;
+    send(&mut wx, &y_id, json!({"type": "offer", "sdp": "v=0"})).await?;
+    let got = next(&mut wy).await?;
+    assert_eq!(
+        got,
+        json!({"type": "signal", "from_node_id": x_id, "payload": {"type": "offer", "sdp": "v=0"}})
+    );
+    send(&mut wy, &x_id, json!({"type": "answer"})).await?;
+    assert_eq!(next(&mut wx).await?["payload"]["type"], "answer");
+
+    // hubmesh seal (key from Y's profile on hub 1) → through both hubs → hubmesh open.
+    let profile_url = format!("{}/profile/{y_id}", h1.http);
+    let out = cli(&["seal", "--profile", &profile_url], b"secret sdp")?;
+    let envelope = String::from_utf8(out.stdout)?.trim().to_owned();
+    send(&mut wx, &y_id, json!({"sealed": envelope})).await?;
+    let got = next(&mut wy).await?;
+    let relayed = got["payload"]["sealed"]
+        .as_str()
+        .context("sealed")?
+        .to_owned();
+    let out = cli(
+        &["open", "--key", key_file.to_str().unwrap()],
+        relayed.as_bytes(),
+    )?;
+    assert_eq!(out.stdout, b"secret sdp");
+
+    // X disconnects; Y's next signal gets "offline".
+    wx.close(None).await?;
+    drop(wx);
+    until("X offline on hub 2", || async {
+        let (_, v) = call(
+            &h2,
+            reqwest::Method::GET,
+            &format!("/profile/{x_id}"),
+            None,
+            None,
+        )
+        .await?;
+        Ok(v["online"] == false)
+    })
+    .await?;
+    send(&mut wy, &x_id, json!({"type": "ice-candidate"})).await?;
+    let e = next(&mut wy).await?;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("target_offline")),
+        "{e}"
+    );
+
+    // X's token, logged out at hub 1, is refused at hub 2.
+    let (st, _) = call(&h2, reqwest::Method::GET, "/profile", Some(&tx), None).await?;
+    assert_eq!(st, 200, "roaming token accepted before logout");
+    let (st, v) = call(&h1, reqwest::Method::POST, "/logout", Some(&tx), None).await?;
+    assert_eq!(st, 200, "{v}");
+    until("revocation at hub 2", || async {
+        Ok(call(&h2, reqwest::Method::GET, "/profile", Some(&tx), None)
+            .await?
+            .0
+            == 401)
+    })
+    .await?;
+    let mut refused = ws(&h2, &tx).await?;
+    let e = next(&mut refused).await?;
+    assert_eq!(e["code"], "token_revoked", "{e}");
+    Ok(())
+}
