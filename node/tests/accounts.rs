@@ -117,6 +117,41 @@ fn forge(hub: &Hub, sub: &str, exp_offset: i64) -> String {
     .unwrap()
 }
 
+/// Registers a fresh 2048-bit RSA node identity for the token's user.
+async fn register_node(c: &reqwest::Client, hub: &Hub, token: &str) -> String {
+    use rand::SeedableRng;
+    use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
+    let k = rsa::RsaPrivateKey::new(&mut rand::rngs::StdRng::seed_from_u64(7), 2048).unwrap();
+    let public = k.to_public_key();
+    let node_id =
+        hubmesh_node::federation::nodes::node_id_of(public.to_public_key_der().unwrap().as_bytes());
+    let private_pem = k.to_pkcs8_pem(LineEnding::LF).unwrap().to_string();
+    let kp = rcgen::KeyPair::from_pkcs8_pem_and_sign_algo(&private_pem, &rcgen::PKCS_RSA_SHA256)
+        .unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, node_id.as_str());
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::days(1);
+    p.not_after = now + time::Duration::days(30);
+    let cert = p.self_signed(&kp).unwrap().pem();
+    let r = c
+        .post(url(hub, "/register-node-id"))
+        .bearer_auth(token)
+        .json(&json!({
+            "node_id": node_id,
+            "public_key": public.to_public_key_pem(LineEnding::LF).unwrap(),
+            "certificate": cert,
+        }))
+        .send()
+        .await
+        .unwrap();
+    let (s, _, v) = json_of(r).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    node_id
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn roaming_token_and_logout_everywhere() {
     let (d1, d2, d3) = (
@@ -156,6 +191,19 @@ async fn roaming_token_and_logout_everywhere() {
     let (_, v) = me(&c, &h2, &token).await;
     assert_eq!(v["username"], "alice");
     assert_eq!(v["home_hub"], h1.peer_id().to_string());
+
+    // A node identity registered at hub 1 shows in /users/me on hub 2.
+    let node_id = register_node(&c, &h1, &token).await;
+    let start = Instant::now();
+    loop {
+        let (_, v) = me(&c, &h2, &token).await;
+        if v["node_id"] == node_id.as_str() {
+            assert_eq!(v["node_id_verified"], true);
+            break;
+        }
+        assert!(start.elapsed() < WAIT, "hub 2 never saw the node: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // A second token of the same user is independent of the first.
     let (_, v) = login(&c, &h1, "alice", "password-1").await;

@@ -3,8 +3,8 @@
 //! `{access_token, token_type, expires_in}`), `POST /register` (open
 //! self-registration, only when the config switch is on), and
 //! `GET /users/me`, which any member hub answers from the token's claims and
-//! the replicated node identity (namespace `node`, index term
-//! `owner:<iss>/<sub>`), without the home hub's account data.
+//! the replicated node identity ([`super::nodes::node_of`]: namespace
+//! `node`, owner index term), without the home hub's account data.
 
 use std::time::Duration;
 
@@ -233,11 +233,7 @@ pub async fn me(
     headers: HeaderMap,
 ) -> Result<ApiJson<UserMe>, FedError> {
     let claims = authenticate_headers(&state, &headers)?;
-    let node = state
-        .store
-        .by_term("node", &format!("owner:{}/{}", claims.iss, claims.sub), 1)?
-        .into_iter()
-        .next();
+    let node = super::nodes::node_of(&state, &claims)?;
     Ok(ApiJson(UserMe {
         username: claims.sub.clone(),
         home_hub: claims.iss.clone(),
