@@ -6,7 +6,7 @@ use utoipa::OpenApi;
 use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
 
 use crate::discovery;
-use crate::federation::{login, oauth, revocation};
+use crate::federation::{login, nodes, oauth, profile, revocation, signal};
 
 /// The facade's OpenAPI document.
 #[derive(Debug, OpenApi)]
@@ -29,6 +29,13 @@ use crate::federation::{login, oauth, revocation};
         revocation::logout,
         oauth::login,
         oauth::callback,
+        nodes::register_node_id,
+        profile::get_own,
+        profile::put_own,
+        profile::delete_own,
+        profile::get_other,
+        profile::search,
+        signal::ws_signal,
     ),
     components(schemas(
         discovery::RegisterRequest,
@@ -48,11 +55,18 @@ use crate::federation::{login, oauth, revocation};
         login::SelfRegisterResponse,
         login::UserMe,
         revocation::LogoutResponse,
+        nodes::RegisterNodeRequest,
+        nodes::RegisterNodeResponse,
+        profile::Expertise,
+        profile::ProfileUpdate,
+        profile::ProfileView,
+        profile::SearchResult,
+        profile::DeleteAccountResponse,
     )),
     modifiers(&Security),
     tags(
         (name = "discovery", description = "compat §A: server rendezvous, federated"),
-        (name = "federation", description = "compat §E: federation hub; errors are `{\"detail\": text}` (FastAPI); see specs/accounts.md"),
+        (name = "federation", description = "compat §E: federation hub; errors are `{\"detail\": text}` (FastAPI); see specs/accounts.md and specs/federation.md"),
     )
 )]
 pub struct ApiDoc;

@@ -25,8 +25,9 @@ pub use x25519_dalek::{PublicKey, StaticSecret};
 pub const VERSION: u8 = 1;
 /// HKDF `info` of version 1.
 pub const INFO: &[u8] = b"hubmesh sealed signal v1";
-/// Largest plaintext: a sealed payload must still fit a relayed signal frame.
-pub const MAX_PLAINTEXT: usize = 24 * 1024;
+/// Largest plaintext: its text form (~4/3 of it) plus the frame around it
+/// must fit the default 16 KiB WebSocket frame limit of `/ws/signal`.
+pub const MAX_PLAINTEXT: usize = 8 * 1024;
 /// Bytes an envelope adds to its plaintext: version, ephemeral key, tag.
 pub const OVERHEAD: usize = 1 + 32 + 16;
 

@@ -46,12 +46,7 @@ pub const RECORD_TTL: Duration = Duration::from_secs(29 * 24 * 3600);
 /// When less than this is left, a connection or profile update rewrites the record.
 pub const REFRESH_BELOW: Duration = Duration::from_secs(22 * 24 * 3600);
 
-/// The FastAPI error body.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct DetailBody {
-    /// Human-readable reason.
-    pub detail: String,
-}
+pub use super::login::DetailBody;
 
 /// `POST /register-node-id` body.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
