@@ -4,8 +4,8 @@
 //! `lookup` talk to a running hub's operator API; `discovery …` helps a
 //! server register (computing the HMAC) and look up its cluster.
 
-mod testnet;
 mod seal;
+mod testnet;
 mod user;
 
 use std::io::Write;

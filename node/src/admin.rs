@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ApiError, ApiJson};
 use crate::facade::AppState;
 
+pub mod blocked;
+
 /// Most peers whose last sync round is remembered.
 const MAX_SYNC_PEERS: usize = 1024;
 
@@ -352,4 +354,5 @@ pub fn routes() -> Router<AppState> {
         .route("/admin/sync", get(get_sync))
         .route("/admin/status", get(get_status))
         .route("/admin/lookup/{ns}/{*key}", get(get_lookup))
+        .merge(blocked::routes())
 }
