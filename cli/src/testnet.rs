@@ -125,6 +125,8 @@ async fn stop_signal() {
 }
 
 pub async fn run(cmd: TestnetCmd) -> anyhow::Result<()> {
+    // The library's own events (stop timeouts, retries) go to stderr; RUST_LOG filters.
+    hubmesh_node::init_tracing(hubmesh_node::config::LogFormat::Text);
     match cmd {
         TestnetCmd::Up {
             net,

@@ -597,6 +597,7 @@ impl Testnet {
                 },
                 Err(e) => e.to_string(),
             };
+            tracing::debug!(elapsed_ms = t0.elapsed().as_millis() as u64, %why, "not converged yet");
             if Instant::now() >= deadline {
                 return Err(TestnetError::Timeout {
                     what: format!("convergence: {why}"),

@@ -1,0 +1,308 @@
+//! `hubmesh testnet` with real hub processes: the library's chaos scenarios
+//! on three `hubmesh run` processes (partition and heal; kill -9 during
+//! writes), and `hubmesh testnet up` driven as a new user would — spawned
+//! binary, `--json` stdout parsed, a registration written at one hub and read
+//! at another with the `hubmesh discovery` commands, SIGINT, then no hub
+//! process left and no port answering; `--keep` brings the same federation
+//! back; and a `kill -9` of `up` itself still takes every hub down.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use hubmesh_testnet::chaos::{self, ChaosOptions, Scenario};
+use hubmesh_testnet::{HubInfo, Options, Testnet};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_hubmesh");
+const WAIT: Duration = Duration::from_secs(40);
+
+fn chaos_opts() -> ChaosOptions {
+    ChaosOptions {
+        step_writes: 25,
+        timeout: Duration::from_secs(40),
+        ..ChaosOptions::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_and_heal_three_hub_processes_lose_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut net = Testnet::start(3, Options::processes(BIN, dir.path())).await?;
+    assert!(net.pid(0).is_some() && net.pid(2).is_some());
+    let r = chaos::run(&mut net, Scenario::Partition, &chaos_opts(), 7).await?;
+    eprintln!("{}", r.line());
+    assert!(r.passed(), "{}", r.line());
+    assert!(r.acknowledged >= 50, "{}", r.line());
+    assert_eq!(r.acknowledged_missing, 0, "{}", r.line());
+    assert_eq!(r.found_everywhere, r.acknowledged, "{}", r.line());
+    assert_eq!(r.diverged_before_heal, Some(true), "{}", r.line());
+    net.shutdown().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_during_writes_three_hub_processes_lose_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut net = Testnet::start(3, Options::processes(BIN, dir.path())).await?;
+    let before = net.info(2)?.peer.clone();
+    let r = chaos::run(&mut net, Scenario::Kill9, &chaos_opts(), 9).await?;
+    eprintln!("{}", r.line());
+    assert!(r.passed(), "{}", r.line());
+    assert_eq!(r.acknowledged_missing, 0, "{}", r.line());
+    assert!(
+        r.written > r.acknowledged,
+        "writes to the dead hub fail: {}",
+        r.line()
+    );
+    assert_eq!(net.info(2)?.peer, before, "restarted from its data dir");
+    net.shutdown().await?;
+    Ok(())
+}
+
+/// `hubmesh testnet up` running in the background, stdout parsed.
+struct Up {
+    child: Child,
+    hubs: Vec<HubInfo>,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn up(dir: &Path, extra: &[&str]) -> Result<Up> {
+    let mut child = Command::new(BIN)
+        .args([
+            "testnet",
+            "up",
+            "--hubs",
+            "3",
+            "--base-port",
+            "0",
+            "--json",
+            "--quiet",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .args(extra)
+        .env("CLUSTER_SECRET_ACME_CORP", "s3cret")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::sync_channel(8);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut hubs = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while hubs.len() < 3 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = rx.recv_timeout(left) else {
+            let _ = child.kill();
+            bail!("only {} hub lines within {WAIT:?}", hubs.len());
+        };
+        let h: HubInfo = serde_json::from_str(&line).with_context(|| format!("{line:?}"))?;
+        assert!(h.mesh.ends_with(&format!("/p2p/{}", h.peer)), "{line}");
+        hubs.push(h);
+    }
+    Ok(Up { child, hubs })
+}
+
+/// The `hubmesh run` processes whose parent is `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised command: state, ppid, …
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else {
+            continue;
+        };
+        let ppid: Option<u32> = rest.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+        if ppid == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// Whether `pid` is gone (or a zombie nobody reaped yet: no longer running).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, r)| r.starts_with('Z')),
+    }
+}
+
+fn cmdline(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+fn cli(args: &[&str]) -> Result<String> {
+    let out = Command::new(BIN)
+        .args(args)
+        .env("CLUSTER_SECRET_ACME_CORP", "s3cret")
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "hubmesh {args:?}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + WAIT;
+    while !f() {
+        if Instant::now() > deadline {
+            bail!("timed out: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+fn answers(http: &str) -> bool {
+    let addr = http.trim_start_matches("http://");
+    std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(500)).is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_as_a_new_user_then_ctrl_c_leaves_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let u = up(dir.path(), &["--keep"])?;
+    let up_pid = u.child.id();
+    let hubs = u.hubs.clone();
+    let pids = children(up_pid);
+    assert_eq!(pids.len(), 3, "{pids:?}");
+    for p in &pids {
+        assert!(cmdline(*p).contains(" run "), "{}", cmdline(*p));
+    }
+    // Every hub already sees the other two.
+    let client = reqwest::Client::new();
+    for h in &hubs {
+        let peers: serde_json::Value = client
+            .get(format!("{}/admin/peers", h.http))
+            .send()
+            .await?
+            .json()
+            .await?;
+        assert_eq!(
+            peers.as_array().map(Vec::len),
+            Some(2),
+            "{}: {peers}",
+            h.name
+        );
+    }
+    // Register at hub-0 with the CLI, look it up at hub-2.
+    let reg: serde_json::Value = serde_json::from_str(&cli(&[
+        "discovery",
+        "register",
+        "--hub",
+        &hubs[0].http,
+        "--cluster",
+        "acme-corp",
+        "--public-url",
+        "https://server-a.example:9090",
+    ])?)?;
+    let token = reg["token"].as_str().context("token")?.to_owned();
+    let server = reg["serverId"].as_str().context("serverId")?.to_owned();
+    let hub2 = hubs[2].http.clone();
+    wait_until("the registration replicated to hub-2", || {
+        cli(&[
+            "discovery",
+            "lookup",
+            "--hub",
+            &hub2,
+            "--cluster",
+            "acme-corp",
+            "--token",
+            &token,
+        ])
+        .is_ok_and(|out| out.contains(&server))
+    })
+    .await?;
+
+    // Ctrl-C: every hub stops, `up` exits 0, nothing answers any more.
+    kill(Pid::from_raw(up_pid as i32), Signal::SIGINT)?;
+    let mut u = u;
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = u.child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            bail!("testnet up did not exit after SIGINT");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status}");
+    for p in &pids {
+        assert!(gone(*p), "hub pid {p} still runs: {}", cmdline(*p));
+    }
+    for h in &hubs {
+        assert!(!answers(&h.http), "{} still answers", h.http);
+    }
+    assert!(dir.path().join("hub-0.log").exists());
+
+    // --keep: `up` again restarts the same federation (same identities, same data).
+    let again = up(dir.path(), &["--keep"])?;
+    let before: BTreeSet<_> = hubs.iter().map(|h| h.peer.clone()).collect();
+    let after: BTreeSet<_> = again.hubs.iter().map(|h| h.peer.clone()).collect();
+    assert_eq!(before, after);
+    let out = cli(&[
+        "lookup",
+        "--hub",
+        &again.hubs[1].http,
+        "server",
+        &format!("acme-corp/{server}"),
+    ])?;
+    assert!(out.contains(&server), "{out}");
+    drop(again);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hubs_do_not_outlive_a_killed_up() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut u = up(dir.path(), &[])?;
+    let pids = children(u.child.id());
+    assert_eq!(pids.len(), 3, "{pids:?}");
+    // kill -9: `up` cannot clean up; the kernel's parent-death signal must.
+    u.child.kill()?;
+    u.child.wait()?;
+    wait_until("every hub gone after its parent died", || {
+        pids.iter().all(|p| gone(*p))
+    })
+    .await?;
+    for h in &u.hubs {
+        assert!(!answers(&h.http), "{} still answers", h.http);
+    }
+    Ok(())
+}
