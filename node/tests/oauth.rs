@@ -247,7 +247,7 @@ async fn authorization_code_flow_against_a_loopback_provider() {
     // A second login reuses the linked account.
     let (s, _, v) = fetch(&client, &login("testidp").await).await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    assert_eq!(hub.state().federation.accounts.count().unwrap(), 1);
+    assert_eq!(hub.state().federation.accounts.count(), 1);
     assert_eq!(*idp.tokens_issued.lock().unwrap(), 2);
 
     // Unknown state, missing state, and a state issued for another provider.

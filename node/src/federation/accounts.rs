@@ -15,6 +15,7 @@
 //! ```
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use argon2::password_hash::SaltString;
 use argon2::{Argon2, PasswordHash, PasswordHasher, PasswordVerifier};
@@ -189,6 +190,9 @@ pub struct Accounts {
     /// `provider/subject` → username.
     links: LocalTree<String>,
     max: usize,
+    /// Number of accounts: counted once at open (sled's `len` is a scan),
+    /// then kept by this handle, the tree's only writer.
+    count: Arc<AtomicUsize>,
     hashing: Arc<Semaphore>,
     /// Hash of a random password, verified against when the user is unknown
     /// so that a login answers in the same time either way.
@@ -210,9 +214,11 @@ impl Accounts {
         let mut pw = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut pw);
         let dummy = hash_password(&pw.iter().map(|b| format!("{b:02x}")).collect::<String>())?;
+        let users = store.local::<Account>("accounts")?;
         Ok(Accounts {
             store: store.clone(),
-            users: store.local("accounts")?,
+            count: Arc::new(AtomicUsize::new(users.len()?)),
+            users,
             links: store.local("oauth_links")?,
             max,
             hashing: Arc::new(Semaphore::new(HASH_CONCURRENCY)),
@@ -248,8 +254,8 @@ impl Accounts {
     }
 
     /// Number of accounts.
-    pub fn count(&self) -> Result<usize, AccountError> {
-        Ok(self.users.len()?)
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
     }
 
     /// Up to `limit` (≤ [`MAX_PAGE`]) accounts after `after`, in name order.
@@ -263,10 +269,21 @@ impl Accounts {
     }
 
     async fn insert(&self, account: Account) -> Result<Account, AccountError> {
-        if self.count()? >= self.max {
+        // Reserve a slot first, so concurrent creations cannot overshoot.
+        if self
+            .count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_err()
+        {
             return Err(AccountError::Full(self.max));
         }
-        match self.users.insert_new(&account.username, &account)? {
+        let inserted = self.users.insert_new(&account.username, &account);
+        if !matches!(inserted, Ok(Some(_))) {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+        }
+        match inserted? {
             Some(ticket) => {
                 self.store.durable(ticket).await?;
                 Ok(account)
@@ -317,7 +334,10 @@ impl Accounts {
             let (_, ticket) = self.links.remove(&link_key(id))?;
             self.store.durable(ticket).await?;
         }
-        let (_, ticket) = self.users.remove(username)?;
+        let (was, ticket) = self.users.remove(username)?;
+        if was {
+            self.count.fetch_sub(1, Ordering::AcqRel);
+        }
         self.store.durable(ticket).await?;
         Ok(())
     }
