@@ -306,3 +306,90 @@ async fn hubs_do_not_outlive_a_killed_up() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn chaos_command_reports_a_passing_partition_as_json() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = Command::new(BIN)
+        .args([
+            "testnet",
+            "chaos",
+            "--hubs",
+            "3",
+            "--scenario",
+            "partition",
+            "--json",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .env("RUST_LOG", "warn")
+        .output()?;
+    let stdout = String::from_utf8(out.stdout)?;
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    let r: serde_json::Value = serde_json::from_str(lines[0])?;
+    assert_eq!(r["scenario"], "partition");
+    assert_eq!(r["verdict"], "PASS", "{r}");
+    assert_eq!(r["acknowledged_missing"], 0, "{r}");
+    assert_eq!(r["diverged_before_heal"], true, "{r}");
+    // Without --keep the data dirs are gone; the logs stay.
+    assert!(!dir.path().join("hub-0").exists());
+    assert!(dir.path().join("hub-0.log").exists());
+    // A bad scenario name is a clear error, not a panic.
+    let out = Command::new(BIN)
+        .args(["testnet", "chaos", "--scenario", "nope"])
+        .arg("--dir")
+        .arg(dir.path())
+        .output()?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown scenario"));
+    Ok(())
+}
+
+#[test]
+fn bench_command_writes_markdown_and_json() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let report = dir.path().join("r");
+    let out = Command::new(BIN)
+        .args([
+            "testnet",
+            "bench",
+            "--sizes",
+            "3",
+            "--samples",
+            "5",
+            "--clients",
+            "8",
+            "--load-secs",
+            "1",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .arg("--out")
+        .arg(&report)
+        .env("RUST_LOG", "warn")
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let md = std::fs::read_to_string(report.with_extension("md"))?;
+    assert!(md.contains("| propagation p99, 3 hubs |"), "{md}");
+    assert!(md.contains("≥ 5000 req/s"), "{md}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.with_extension("json"))?)?;
+    assert!(v["cores"].as_u64().unwrap() >= 1);
+    assert_eq!(v["propagation"][0]["hubs"], 3);
+    assert_eq!(v["propagation"][0]["timed_out"], 0, "{v}");
+    assert!(v["throughput"][0]["ok"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["signal"]["status"], "measured", "{}", v["signal"]);
+    Ok(())
+}

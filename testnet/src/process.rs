@@ -321,3 +321,22 @@ pub fn rss_bytes(pid: u32) -> Option<u64> {
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_line_parses_and_garbage_is_refused() {
+        let h = parse_ready(
+            "hub-0",
+            "hubmesh ready http=127.0.0.1:7000 mesh=/ip4/127.0.0.1/udp/7000/quic-v1/p2p/12D3KooWX peer=12D3KooWX",
+        )
+        .unwrap();
+        assert_eq!(h.http, "http://127.0.0.1:7000");
+        assert_eq!(h.peer, "12D3KooWX");
+        assert!(h.mesh.ends_with("/p2p/12D3KooWX"));
+        assert!(parse_ready("hub-0", "Error: address in use").is_err());
+        assert!(parse_ready("hub-0", "hubmesh ready http=1.2.3.4:5").is_err());
+    }
+}

@@ -81,3 +81,31 @@ pub async fn run(
     eprintln!("testnet: stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listing_as_table_and_json_lines() {
+        let hubs = vec![HubInfo {
+            name: "hub-0".into(),
+            http: "http://127.0.0.1:7000".into(),
+            mesh: "/ip4/127.0.0.1/udp/7000/quic-v1/p2p/12D3KooWX".into(),
+            peer: "12D3KooWX".into(),
+        }];
+        let t = render(&hubs, Listing::Table).unwrap();
+        assert!(t.starts_with("HUB  "), "{t}");
+        assert!(
+            t.lines()
+                .nth(1)
+                .unwrap()
+                .starts_with("hub-0  http://127.0.0.1:7000  /ip4/")
+        );
+        let j = render(&hubs, Listing::Json).unwrap();
+        let v: serde_json::Value = serde_json::from_str(j.trim_end()).unwrap();
+        assert_eq!(v["name"], "hub-0");
+        assert_eq!(v["peer"], "12D3KooWX");
+        assert_eq!(j.lines().count(), 1);
+    }
+}
