@@ -393,3 +393,31 @@ fn bench_command_writes_markdown_and_json() -> Result<()> {
     assert_eq!(v["signal"]["status"], "measured", "{}", v["signal"]);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_survives_a_hub_dying_and_still_stops_cleanly() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut u = up(dir.path(), &[])?;
+    let pids = children(u.child.id());
+    assert_eq!(pids.len(), 3, "{pids:?}");
+    // A hub crashes behind the testnet's back.
+    kill(Pid::from_raw(pids[1] as i32), Signal::SIGKILL)?;
+    wait_until("the crashed hub gone", || gone(pids[1])).await?;
+    assert!(answers(&u.hubs[0].http));
+    kill(Pid::from_raw(u.child.id() as i32), Signal::SIGTERM)?;
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = u.child.try_wait()? {
+            break s;
+        }
+        if Instant::now() > deadline {
+            bail!("testnet up did not exit after SIGTERM");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status}");
+    for p in &pids {
+        assert!(gone(*p), "hub pid {p} still runs");
+    }
+    Ok(())
+}

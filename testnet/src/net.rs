@@ -428,6 +428,23 @@ impl Testnet {
         Ok(c)
     }
 
+    /// Hub processes that exited on their own since the last call (crash,
+    /// signal from outside), with their exit status; they count as stopped.
+    pub fn reap_exited(&mut self) -> Vec<(String, String)> {
+        let mut gone = Vec::new();
+        for slot in &mut self.slots {
+            let status = match slot.running.as_mut() {
+                Some(Running::Process(p)) => p.try_exited(),
+                _ => None,
+            };
+            if let Some(status) = status {
+                slot.running = None;
+                gone.push((slot.name.clone(), status.to_string()));
+            }
+        }
+        gone
+    }
+
     /// Stops hub `i` gracefully (SIGTERM / shutdown), keeping its data.
     pub async fn stop(&mut self, i: usize) -> Result<(), TestnetError> {
         let running = self

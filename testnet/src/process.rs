@@ -251,6 +251,11 @@ impl ProcHub {
         Ok((ProcHub { child, pid, pumps }, info))
     }
 
+    /// The exit status, if the process has exited (reaping it).
+    pub(crate) fn try_exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// The process id.
     pub(crate) fn pid(&self) -> u32 {
         self.pid

@@ -61,7 +61,7 @@ pub async fn run(
 ) -> Result<(), TestnetError> {
     let dir = opts.dir.clone();
     let keep = opts.keep;
-    let net = Testnet::start(n, opts).await?;
+    let mut net = Testnet::start(n, opts).await?;
     let text = render(&net.infos(), listing)?;
     {
         let mut out = std::io::stdout().lock();
@@ -75,7 +75,19 @@ pub async fn run(
         dir.display(),
         if keep { " (data dirs kept)" } else { "" }
     );
-    stop.await;
+    // Until told to stop, report hubs that die on their own (the others go on).
+    let mut stop = std::pin::pin!(stop);
+    let mut check = tokio::time::interval(std::time::Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            _ = check.tick() => {
+                for (name, status) in net.reap_exited() {
+                    eprintln!("testnet: {name} exited on its own ({status}); see its log in {}", dir.display());
+                }
+            }
+        }
+    }
     eprintln!("testnet: stopping {n} hubs");
     net.shutdown().await?;
     eprintln!("testnet: stopped");
