@@ -139,6 +139,8 @@ pub struct Propagation {
     pub ack_p50_ms: Option<f64>,
     /// Poll period of each watching hub, ms (the resolution).
     pub poll_ms: f64,
+    /// Mean RSS of the hubs right after the mesh formed, MiB.
+    pub rss_mean_mib: Option<f64>,
 }
 
 /// A throughput load.
@@ -308,6 +310,10 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, TestnetError> {
             )
             .note("last sample written → equal counts, watermarks and registrations on every hub"),
         );
+        figures.push(
+            Figure::new(format!("hub RSS idle, mean of {n} hubs"), p.rss_mean_mib, "MiB")
+                .note("right after the mesh formed"),
+        );
         propagation.push(p);
     }
 
@@ -461,6 +467,9 @@ where
 /// store, no DHT) until it holds the write.
 async fn propagate(net: &Testnet, samples: usize) -> Result<Propagation, TestnetError> {
     let n = net.len();
+    let rss: Vec<u64> = (0..n).filter_map(|i| net.rss_bytes(i)).collect();
+    let rss_mean_mib = (!rss.is_empty())
+        .then(|| rss.iter().sum::<u64>() as f64 / rss.len() as f64 / 1048576.0);
     let clients: Vec<HubClient> = (0..n).map(|i| net.client(i)).collect::<Result<_, _>>()?;
     // Polling load grows with the hubs watched; keep it near 2-3k requests/s.
     let poll = Duration::from_micros((200 * n as u64).max(1000));
@@ -520,6 +529,7 @@ async fn propagate(net: &Testnet, samples: usize) -> Result<Propagation, Testnet
         max_ms: all.last().copied(),
         ack_p50_ms: percentile(&acks, 50.0),
         poll_ms: ms(poll),
+        rss_mean_mib,
     })
 }
 
@@ -555,10 +565,10 @@ pub fn markdown(r: &BenchReport) -> String {
             f.note.as_deref().unwrap_or("")
         ));
     }
-    md.push_str("\n## Propagation\n\n| hubs | formed ms | samples | timed out | p50 ms | p99 ms | max ms | ack p50 ms | converged ms | poll ms |\n|---|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("\n## Propagation\n\n| hubs | formed ms | samples | timed out | p50 ms | p99 ms | max ms | ack p50 ms | converged ms | poll ms | RSS mean MiB |\n|---|---|---|---|---|---|---|---|---|---|---|\n");
     for p in &r.propagation {
         md.push_str(&format!(
-            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.1} |\n",
+            "| {} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.1} | {} |\n",
             p.hubs,
             p.formed_ms,
             p.samples,
@@ -568,7 +578,8 @@ pub fn markdown(r: &BenchReport) -> String {
             fmt_value(p.max_ms),
             fmt_value(p.ack_p50_ms),
             fmt_value(p.converged_ms),
-            p.poll_ms
+            p.poll_ms,
+            fmt_value(p.rss_mean_mib)
         ));
     }
     md.push_str("\n## Throughput\n\n| op | clients | ok | errors | s | req/s |\n|---|---|---|---|---|---|\n");
