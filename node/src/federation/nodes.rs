@@ -240,7 +240,8 @@ pub fn owner_term(iss: &str, sub: &str) -> String {
     format!("owner:{iss}/#{hex}")
 }
 
-pub(crate) fn now_ms() -> u64 {
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
