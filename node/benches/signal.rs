@@ -17,7 +17,11 @@
 //! Knobs: `BENCH_RTT_SAMPLES` (2000), `BENCH_PAIRS` (1000), `BENCH_SECS` (5),
 //! `BENCH_IDLE_CONNS` (10000), `BENCH_ONLY` (`rtt`, `throughput`, `idle`).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // benchmark driver
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::field_reassign_with_default
+)] // benchmark driver
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};

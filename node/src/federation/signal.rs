@@ -249,8 +249,8 @@ pub struct Signaling {
     shutting_down: AtomicBool,
     cancel: CancellationToken,
     tracker: TaskTracker,
-    replies: mpsc::Sender<(PeerId, Vec<u8>)>,
-    replies_rx: Mutex<Option<mpsc::Receiver<(PeerId, Vec<u8>)>>>,
+    replies: mpsc::Sender<Reply>,
+    replies_rx: Mutex<Option<mpsc::Receiver<Reply>>>,
     /// `POST /register-node-id` limit.
     pub register_limit: Limit,
     /// `PUT`/`DELETE /profile` limit.
@@ -265,6 +265,9 @@ impl std::fmt::Debug for Signaling {
             .finish_non_exhaustive()
     }
 }
+
+/// An error relay frame owed to another hub.
+type Reply = (PeerId, Vec<u8>);
 
 /// A refusal answered with an error frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
