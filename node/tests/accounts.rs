@@ -641,3 +641,47 @@ async fn revocation_lookup_cost() {
     }
     h.shutdown().await;
 }
+
+/// Cost of a password login (`POST /token`: one Argon2id verification) and
+/// of an authenticated request (`GET /users/me`: cached signature check +
+/// revocation lookup), over loopback HTTP; medians of 21 and 1001 requests.
+/// `cargo test -p hubmesh-node --release --test accounts -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement"]
+async fn login_and_request_cost() {
+    let d = tempfile::tempdir().unwrap();
+    let h = spawn(config(d.path(), "acc-bench2", false)).await;
+    h.state()
+        .federation
+        .accounts
+        .create("alice", Some("password-1"), false)
+        .await
+        .unwrap();
+    let c = client();
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let mut logins = Vec::new();
+    let mut token = String::new();
+    for _ in 0..21 {
+        let start = Instant::now();
+        let (s, v) = login(&c, &h, "alice", "password-1").await;
+        logins.push(start.elapsed());
+        assert_eq!(s, StatusCode::OK);
+        token = v["access_token"].as_str().unwrap().to_owned();
+    }
+    let mut reqs = Vec::new();
+    for _ in 0..1001 {
+        let start = Instant::now();
+        let (s, _) = me(&c, &h, &token).await;
+        reqs.push(start.elapsed());
+        assert_eq!(s, StatusCode::OK);
+    }
+    eprintln!(
+        "POST /token median {:?}; GET /users/me median {:?}",
+        median(logins),
+        median(reqs)
+    );
+    h.shutdown().await;
+}
