@@ -311,8 +311,12 @@ pub async fn run(opts: &BenchOptions) -> Result<BenchReport, TestnetError> {
             .note("last sample written → equal counts, watermarks and registrations on every hub"),
         );
         figures.push(
-            Figure::new(format!("hub RSS idle, mean of {n} hubs"), p.rss_mean_mib, "MiB")
-                .note("right after the mesh formed"),
+            Figure::new(
+                format!("hub RSS idle, mean of {n} hubs"),
+                p.rss_mean_mib,
+                "MiB",
+            )
+            .note("right after the mesh formed"),
         );
         propagation.push(p);
     }
@@ -468,8 +472,8 @@ where
 async fn propagate(net: &Testnet, samples: usize) -> Result<Propagation, TestnetError> {
     let n = net.len();
     let rss: Vec<u64> = (0..n).filter_map(|i| net.rss_bytes(i)).collect();
-    let rss_mean_mib = (!rss.is_empty())
-        .then(|| rss.iter().sum::<u64>() as f64 / rss.len() as f64 / 1048576.0);
+    let rss_mean_mib =
+        (!rss.is_empty()).then(|| rss.iter().sum::<u64>() as f64 / rss.len() as f64 / 1048576.0);
     let clients: Vec<HubClient> = (0..n).map(|i| net.client(i)).collect::<Result<_, _>>()?;
     // Polling load grows with the hubs watched; keep it near 2-3k requests/s.
     let poll = Duration::from_micros((200 * n as u64).max(1000));
