@@ -62,12 +62,16 @@ pub async fn run(
     let dir = opts.dir.clone();
     let keep = opts.keep;
     let mut net = Testnet::start(n, opts).await?;
-    let text = render(&net.infos(), listing)?;
-    {
+    let printed = render(&net.infos(), listing).and_then(|text| {
         let mut out = std::io::stdout().lock();
         out.write_all(text.as_bytes())
             .and_then(|()| out.flush())
-            .map_err(|e| TestnetError::io("writing the listing", e))?;
+            .map_err(|e| TestnetError::io("writing the listing", e))
+    });
+    if let Err(e) = printed {
+        // Nobody can learn where the hubs are: stop them cleanly, then fail.
+        net.shutdown().await?;
+        return Err(e);
     }
     eprintln!(
         "testnet: {n} hubs ready in {:.1} s; logs in {}; Ctrl-C stops them{}",
