@@ -130,6 +130,11 @@ impl HubClient {
             .map_err(|source| TestnetError::Http { url, source })
     }
 
+    /// `GET /`: the hub's cheapest answer (the HTTP stack's ceiling).
+    pub async fn root(&self) -> Result<(), TestnetError> {
+        self.get_json::<serde_json::Value>("/").await.map(drop)
+    }
+
     /// PeerIds of the hubs this hub is connected to.
     pub async fn peers(&self) -> Result<BTreeSet<String>, TestnetError> {
         let peers: Vec<PeerView> = self.get_json("/admin/peers").await?;
