@@ -635,10 +635,14 @@ impl EventLoop {
                 if num_established.get() == 1 {
                     tracing::debug!(local = %self.local, peer = %peer_id, "peer joined");
                     self.sink.emit(MeshEvent::PeerJoined(peer_id));
-                    self.start_sync(peer_id);
                 } else {
                     self.dedupe_connections(peer_id);
                 }
+                // Sync on every new connection, not only the first: a peer
+                // that crashed and restarted reconnects while its dead
+                // connection still looks open here (until the QUIC idle
+                // timeout), and it may hold writes we never received.
+                self.start_sync(peer_id);
                 if !self.republish_started {
                     self.republish_started = true;
                     self.republish = Some(0);
@@ -686,11 +690,15 @@ impl EventLoop {
         if conns.len() < 2 {
             return;
         }
+        // Among candidates keep the newest: a second connection dialled
+        // from the same side means the peer restarted and the older one is
+        // dead but not yet timed out.
         let want_mine = self.local < peer;
         let keep = conns
             .iter()
+            .rev()
             .find(|c| c.dialer_is_me == want_mine)
-            .or_else(|| conns.first())
+            .or_else(|| conns.last())
             .map(|c| c.id);
         let close: Vec<ConnectionId> = conns
             .iter()

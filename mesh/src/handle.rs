@@ -228,11 +228,16 @@ impl Mesh {
     /// Returns once they are durable: publishing is best effort, anti-entropy
     /// covers whatever it misses.
     pub async fn write(&self, drafts: Vec<Draft>) -> Result<Vec<Record>, MeshError> {
-        let records = self
-            .inner
-            .store
-            .originate(drafts, &self.inner.signer)
-            .await?;
+        // The store write runs on a blocking thread: sled may write and sync
+        // a full log buffer on the inserting thread, which must not stall an
+        // async worker (profiles showed `sync_file_range` on tokio workers).
+        let inner = self.inner.clone();
+        let (records, ticket) = tokio::task::spawn_blocking(move || {
+            inner.store.originate_nowait(drafts, &inner.signer)
+        })
+        .await
+        .map_err(|_| MeshError::Closed)??;
+        self.inner.store.durable(ticket).await?;
         let command = Command::Publish {
             records: records.clone(),
             gossip: true,

@@ -83,6 +83,15 @@ impl RecordStore for KadStore {
     }
 
     fn put(&mut self, r: KadRecord) -> store::Result<()> {
+        // This hub's own `put_record` of a record it just stored: the bytes
+        // are already held (and were validated when stored), so skip the
+        // decode, signature check and merge.
+        if let Some((ns, key)) = split_dht_key(r.key.as_ref())
+            && let Ok(Some(held)) = self.store.get_raw(ns, key)
+            && held[..] == r.value[..]
+        {
+            return Ok(());
+        }
         let record = self
             .validator
             .validate_dht(r.key.as_ref(), &r.value)

@@ -5,7 +5,14 @@
 //!   measured in the same run with the same client;
 //! - register at hub 1 → visible in lookup at hub 2: p50 / p99.
 //!
-//! Run: `cargo bench -p hubmesh-node --bench facade` (BENCH_SECS, default 3).
+//! The load generator is `wrk` (a separate C process: 2 threads, 64 connections,
+//! bodies from a Lua script) when it is on `PATH` (`apt-get install wrk`), else
+//! an in-process reqwest loop, which saturates before the hub does; the output
+//! names the one used. Each throughput phase runs `BENCH_RUNS` times (default
+//! 3), alternating hub and baseline; the medians are reported.
+//!
+//! Run: `cargo bench -p hubmesh-node --bench facade` (BENCH_SECS, default 3;
+//! BENCH_LOADGEN=reqwest forces the in-process generator).
 
 #![allow(clippy::unwrap_used, clippy::field_reassign_with_default)] // a benchmark binary
 
@@ -23,6 +30,117 @@ use serde_json::{Value, json};
 const CLIENTS: usize = 64;
 const SECRET: &str = "bench-secret";
 const LATENCY_SAMPLES: usize = 200;
+
+/// wrk script: each wrk thread POSTs its own slice of the prepared bodies
+/// (one JSON document per line), so no body is sent twice (a replay is a 409).
+const WRK_POST_SCRIPT: &str = r#"
+local counter = 1
+function setup(thread)
+  thread:set("id", counter)
+  counter = counter + 1
+end
+function init(args)
+  bodies = {}
+  local nthreads = tonumber(args[2])
+  local i = 0
+  for line in io.lines(args[1]) do
+    if i % nthreads == (id - 1) then bodies[#bodies + 1] = line end
+    i = i + 1
+  end
+  idx = 0
+  wrk.method = "POST"
+  wrk.headers["Content-Type"] = "application/json"
+end
+function request()
+  idx = idx + 1
+  if idx > #bodies then idx = 1 end
+  return wrk.format(nil, args_path, nil, bodies[idx])
+end
+"#;
+
+/// Which load generator drives the throughput phases.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum LoadGen {
+    Wrk,
+    Reqwest,
+}
+
+fn pick_loadgen() -> LoadGen {
+    let forced = std::env::var("BENCH_LOADGEN").unwrap_or_default();
+    if forced == "reqwest" {
+        return LoadGen::Reqwest;
+    }
+    let have_wrk = std::process::Command::new("wrk")
+        .arg("--version")
+        .output()
+        .is_ok();
+    if have_wrk {
+        LoadGen::Wrk
+    } else {
+        LoadGen::Reqwest
+    }
+}
+
+/// Runs wrk (2 threads, `CLIENTS` connections) for `secs` against `url`;
+/// returns completed req/s. POSTs the lines of `bodies` when given. Panics
+/// (failing the bench) on any non-2xx answer or socket error.
+async fn wrk(url: &str, secs: f64, bodies: Option<&std::path::Path>, bearer: Option<&str>) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = std::process::Command::new("wrk");
+    cmd.args([
+        "-t2",
+        &format!("-c{CLIENTS}"),
+        &format!("-d{}s", secs.ceil() as u64),
+        "--timeout",
+        "10s",
+    ]);
+    if let Some(t) = bearer {
+        cmd.args(["-H", &format!("Authorization: Bearer {t}")]);
+    }
+    let parsed = url::Url::parse(url).unwrap();
+    let origin = format!("{}://{}", parsed.scheme(), parsed.host_str().unwrap())
+        + &parsed.port().map(|p| format!(":{p}")).unwrap_or_default();
+    if let Some(file) = bodies {
+        let script = dir.path().join("post.lua");
+        let text = WRK_POST_SCRIPT.replace("args_path", &format!("{:?}", parsed.path()));
+        std::fs::write(&script, text).unwrap();
+        cmd.arg("-s")
+            .arg(&script)
+            .arg(&origin)
+            .arg("--")
+            .arg(file)
+            .arg("2");
+    } else {
+        cmd.arg(url);
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "wrk failed: {text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !text.contains("Non-2xx"),
+        "non-2xx answers under load:\n{text}"
+    );
+    assert!(
+        !text.contains("Socket errors"),
+        "socket errors under load:\n{text}"
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no Requests/sec in wrk output:\n{text}"))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
 
 fn config(dir: &std::path::Path, bootstrap: Option<String>) -> Config {
     let mut c = Config::default();
@@ -192,65 +310,8 @@ fn main() {
             baseline(reg_sample.clone(), cluster_sample.clone()).await
         );
 
-        // Register bodies are prepared before timing (unique ids, fresh HMACs).
-        let n_bodies = 400_000;
-        let bodies: Arc<Vec<String>> = Arc::new((1000..1000 + n_bodies).map(register_body).collect());
-
-        let b = bodies.clone();
-        let url = format!("{base}/api/v1/servers/register");
-        let base_reg = load(&client, secs, move |c, n| {
-            c.post(&url)
-                .header("content-type", "application/json")
-                .body(b[n % b.len()].clone())
-        })
-        .await;
-        let b = bodies.clone();
-        let url = format!("{u1}/api/v1/servers/register");
-        let hub_reg = load(&client, secs, move |c, n| {
-            c.post(&url)
-                .header("content-type", "application/json")
-                .body(b[n % b.len()].clone())
-        })
-        .await;
-
-        let url = format!("{base}/api/v1/cluster/bench");
-        let base_look = load(&client, secs, move |c, _| c.get(&url)).await;
-        // A fresh small cluster for the lookup phase (the register phase filled "bench").
-        let small_token = {
-            let mut t = String::new();
-            for i in 0..11 {
-                let id = format!("10000000-0000-4000-8000-{i:012x}");
-                let key = base64::engine::general_purpose::STANDARD.encode([6u8; 32]);
-                let url = format!("https://l{i}.example:9090");
-                let ts = time::OffsetDateTime::now_utc()
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap();
-                let body = json!({
-                    "serverId": id, "clusterId": "lookup", "publicUrl": url, "version": "1.0.0",
-                    "publicKey": key, "timestamp": ts,
-                    "clusterSecretHmac": sign_registration(b"lookup-secret", &hmac_message(&id, "lookup", &url, &key, &ts)),
-                });
-                let r: Value = client
-                    .post(format!("{u1}/api/v1/servers/register"))
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                t = r["token"].as_str().unwrap_or_default().to_owned();
-            }
-            t
-        };
-        let (look_url, look_token) = if small_token.is_empty() {
-            (format!("{u1}/api/v1/cluster/bench"), token.clone())
-        } else {
-            (format!("{u1}/api/v1/cluster/lookup"), small_token)
-        };
-        let hub_look = load(&client, secs, move |c, _| c.get(&look_url).bearer_auth(&look_token)).await;
-
-        // Register at hub 1 → visible in lookup at hub 2.
+        // Register at hub 1 → visible in lookup at hub 2 (first, while the
+        // cluster listing is small enough to hold every server).
         let mut lat = Vec::with_capacity(LATENCY_SAMPLES);
         let budget = Instant::now() + Duration::from_secs(60);
         for i in 0..LATENCY_SAMPLES {
@@ -296,7 +357,82 @@ fn main() {
         }
         lat.sort();
 
-        println!("facade benchmark ({CLIENTS} concurrent clients, {secs} s per phase, loopback, 1 process)");
+        let loadgen = pick_loadgen();
+        let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
+
+        // A fresh small cluster (11 servers) for the lookup phase.
+        let look_token = {
+            let mut t = String::new();
+            for i in 0..11 {
+                let id = format!("10000000-0000-4000-8000-{i:012x}");
+                let key = base64::engine::general_purpose::STANDARD.encode([6u8; 32]);
+                let url = format!("https://l{i}.example:9090");
+                let ts = time::OffsetDateTime::now_utc()
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap();
+                let body = json!({
+                    "serverId": id, "clusterId": "lookup", "publicUrl": url, "version": "1.0.0",
+                    "publicKey": key, "timestamp": ts,
+                    "clusterSecretHmac": sign_registration(b"lookup-secret", &hmac_message(&id, "lookup", &url, &key, &ts)),
+                });
+                let r: Value = client
+                    .post(format!("{u1}/api/v1/servers/register"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                t = r["token"].as_str().unwrap().to_owned();
+            }
+            t
+        };
+
+        // Register bodies are prepared before timing: unique ids and fresh
+        // HMACs, a disjoint range per run (a body sent twice is a replay).
+        let per_run = 150_000usize;
+        let body_dir = tempfile::tempdir().unwrap();
+        let (mut hub_regs, mut base_regs, mut hub_looks, mut base_looks) = (vec![], vec![], vec![], vec![]);
+        for run in 0..runs {
+            let first = 1000 + run * per_run;
+            let bodies: Arc<Vec<String>> = Arc::new((first..first + per_run).map(register_body).collect());
+            let reg_url = format!("{u1}/api/v1/servers/register");
+            let base_reg_url = format!("{base}/api/v1/servers/register");
+            let look_url = format!("{u1}/api/v1/cluster/lookup");
+            let base_look_url = format!("{base}/api/v1/cluster/lookup");
+            match loadgen {
+                LoadGen::Wrk => {
+                    let file = body_dir.path().join(format!("bodies-{run}.txt"));
+                    std::fs::write(&file, bodies.join("\n")).unwrap();
+                    base_regs.push(wrk(&base_reg_url, secs, Some(&file), None).await);
+                    hub_regs.push(wrk(&reg_url, secs, Some(&file), None).await);
+                    base_looks.push(wrk(&base_look_url, secs, None, Some(&look_token)).await);
+                    hub_looks.push(wrk(&look_url, secs, None, Some(&look_token)).await);
+                }
+                LoadGen::Reqwest => {
+                    let b = bodies.clone();
+                    base_regs.push(load(&client, secs, move |c, n| {
+                        c.post(&base_reg_url).header("content-type", "application/json").body(b[n % b.len()].clone())
+                    }).await);
+                    let b = bodies.clone();
+                    hub_regs.push(load(&client, secs, move |c, n| {
+                        c.post(&reg_url).header("content-type", "application/json").body(b[n % b.len()].clone())
+                    }).await);
+                    base_looks.push(load(&client, secs, move |c, _| c.get(&base_look_url)).await);
+                    let t = look_token.clone();
+                    hub_looks.push(load(&client, secs, move |c, _| c.get(&look_url).bearer_auth(&t)).await);
+                }
+            }
+        }
+        let (hub_reg, base_reg, hub_look, base_look) =
+            (median(hub_regs), median(base_regs), median(hub_looks), median(base_looks));
+
+
+        println!(
+            "facade benchmark ({CLIENTS} concurrent clients, load generator {loadgen:?}, {secs} s per phase, medians of {runs} runs, {} cores, loopback)",
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+        );
         println!(
             "register: hub {hub_reg:.0} req/s, minimal axum {base_reg:.0} req/s, ratio {:.2}",
             hub_reg / base_reg
