@@ -394,21 +394,36 @@ fn main() {
         let per_run = 150_000usize;
         let body_dir = tempfile::tempdir().unwrap();
         let (mut hub_regs, mut base_regs, mut hub_looks, mut base_looks) = (vec![], vec![], vec![], vec![]);
+        // Lookups first (an idle mesh), then registers; after each register
+        // run, wait until hub 2 holds what hub 1 holds so the replication
+        // backlog of one run does not eat the CPU of the next.
+        let look_url = format!("{u1}/api/v1/cluster/lookup");
+        let base_look_url = format!("{base}/api/v1/cluster/lookup");
+        for _ in 0..runs {
+            match loadgen {
+                LoadGen::Wrk => {
+                    base_looks.push(wrk(&base_look_url, secs, None, Some(&look_token)).await);
+                    hub_looks.push(wrk(&look_url, secs, None, Some(&look_token)).await);
+                }
+                LoadGen::Reqwest => {
+                    let u = base_look_url.clone();
+                    base_looks.push(load(&client, secs, move |c, _| c.get(&u)).await);
+                    let (u, t) = (look_url.clone(), look_token.clone());
+                    hub_looks.push(load(&client, secs, move |c, _| c.get(&u).bearer_auth(&t)).await);
+                }
+            }
+        }
         for run in 0..runs {
             let first = 1000 + run * per_run;
             let bodies: Arc<Vec<String>> = Arc::new((first..first + per_run).map(register_body).collect());
             let reg_url = format!("{u1}/api/v1/servers/register");
             let base_reg_url = format!("{base}/api/v1/servers/register");
-            let look_url = format!("{u1}/api/v1/cluster/lookup");
-            let base_look_url = format!("{base}/api/v1/cluster/lookup");
             match loadgen {
                 LoadGen::Wrk => {
                     let file = body_dir.path().join(format!("bodies-{run}.txt"));
                     std::fs::write(&file, bodies.join("\n")).unwrap();
                     base_regs.push(wrk(&base_reg_url, secs, Some(&file), None).await);
                     hub_regs.push(wrk(&reg_url, secs, Some(&file), None).await);
-                    base_looks.push(wrk(&base_look_url, secs, None, Some(&look_token)).await);
-                    hub_looks.push(wrk(&look_url, secs, None, Some(&look_token)).await);
                 }
                 LoadGen::Reqwest => {
                     let b = bodies.clone();
@@ -419,10 +434,15 @@ fn main() {
                     hub_regs.push(load(&client, secs, move |c, n| {
                         c.post(&reg_url).header("content-type", "application/json").body(b[n % b.len()].clone())
                     }).await);
-                    base_looks.push(load(&client, secs, move |c, _| c.get(&base_look_url)).await);
-                    let t = look_token.clone();
-                    hub_looks.push(load(&client, secs, move |c, _| c.get(&look_url).bearer_auth(&t)).await);
                 }
+            }
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let count = |h: &Hub| h.state().store.namespace_counts().unwrap().into_iter().find(|(ns, _)| ns == "server").map_or(0, |(_, n)| n);
+                if count(&h2) >= count(&h1) || Instant::now() > deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
         let (hub_reg, base_reg, hub_look, base_look) =
