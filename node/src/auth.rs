@@ -356,15 +356,12 @@ impl TokenService {
         validation.set_audience(&[audience]);
         validation.set_issuer(&[iss.as_str()]);
         validation.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
-        let data = jsonwebtoken::decode::<C>(
-            token,
-            &DecodingKey::from_ed_der(&public),
-            &validation,
-        )
-        .map_err(|e| match e.kind() {
-            jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
-            _ => TokenError::Invalid(e.to_string()),
-        })?;
+        let data =
+            jsonwebtoken::decode::<C>(token, &DecodingKey::from_ed_der(&public), &validation)
+                .map_err(|e| match e.kind() {
+                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
+                    _ => TokenError::Invalid(e.to_string()),
+                })?;
         Ok(data.claims)
     }
 }
