@@ -25,7 +25,7 @@ use crate::identity::{HubSigner, load_or_create_identity};
 use crate::kad_store::KadStore;
 use crate::peers::PeerBook;
 use crate::protocol::Names;
-use crate::signal::{SignalRelay, run_inbound};
+use crate::signal::{SignalRelay, SignalSink, run_inbound};
 use crate::validate::Validator;
 
 /// Capacity of the command channel: callers wait (backpressure) beyond it.
@@ -148,14 +148,15 @@ impl Mesh {
             .accept(names.signal.clone())
             .map_err(|e| MeshError::Config(format!("signal protocol: {e}")))?;
         let (commands, command_rx) = mpsc::channel(COMMAND_BUFFER);
+        let signal_sink = SignalSink::new(sink.clone());
         let signals = Arc::new(SignalRelay::new(
             peer_id,
             control,
             names.signal.clone(),
-            sink.clone(),
+            signal_sink.clone(),
             commands.clone(),
         ));
-        let signal_task = tokio::spawn(run_inbound(incoming, sink.clone(), cancel.clone()));
+        let signal_task = tokio::spawn(run_inbound(incoming, signal_sink, cancel.clone()));
 
         let book = PeerBook::load(&config.data_dir.join("peers.cbor"));
         let mut event_loop = EventLoop::new(
@@ -310,6 +311,18 @@ impl Mesh {
             return Err(SignalError::Closed);
         }
         self.inner.signals.send(target, payload).await
+    }
+
+    /// Hands every inbound signal to `handler` on the stream reader's task
+    /// instead of emitting [`MeshEvent::Signal`] (no copy, no task hop).
+    /// `handler` must never block or wait. Signals read before this call
+    /// arrive as events. Returns `false` (and keeps the first) if a handler
+    /// was installed already.
+    pub fn set_signal_handler(
+        &self,
+        handler: impl Fn(PeerId, &[u8]) + Send + Sync + 'static,
+    ) -> bool {
+        self.inner.signals.set_handler(Arc::new(handler))
     }
 
     /// The hubs connected now.

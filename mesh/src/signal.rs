@@ -10,9 +10,17 @@
 //! the event channel (signals are never dropped), which backpressures the
 //! sender through QUIC flow control. A malformed frame (length over the limit)
 //! closes the stream.
+//!
+//! An owner that can take a signal without waiting installs a
+//! [`SignalHandler`] (`Mesh::set_signal_handler`): the reader then hands each
+//! frame to it directly, borrowed from the read buffer, instead of copying it
+//! into a [`crate::MeshEvent::Signal`] for another task to pick up. That saves
+//! a copy and a task wake-up per relayed signal, which is most of what a
+//! cross-hub signal costs beyond the QUIC hop itself. Frames read before the
+//! handler is installed still arrive as events.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -42,6 +50,42 @@ const MAX_OUTBOUND_ENTRIES: usize = 1024;
 
 type Writer = FramedWrite<Compat<Stream>, LengthDelimitedCodec>;
 
+/// Takes one inbound signal (sending hub, payload) on the reader's task. It
+/// must not block or wait: it runs between two reads of the stream.
+pub(crate) type SignalHandler = Arc<dyn Fn(PeerId, &[u8]) + Send + Sync>;
+
+/// Where inbound signals go: the installed handler, else the event channel.
+#[derive(Clone)]
+pub(crate) struct SignalSink {
+    events: EventSink,
+    handler: Arc<OnceLock<SignalHandler>>,
+}
+
+impl SignalSink {
+    pub(crate) fn new(events: EventSink) -> Self {
+        SignalSink {
+            events,
+            handler: Arc::new(OnceLock::new()),
+        }
+    }
+
+    /// Installs the handler; `false` if one was installed already.
+    pub(crate) fn set_handler(&self, handler: SignalHandler) -> bool {
+        self.handler.set(handler).is_ok()
+    }
+
+    /// Delivers one signal. `Err` when the event receiver is gone.
+    async fn deliver(&self, from: PeerId, payload: &[u8]) -> Result<(), ()> {
+        match self.handler.get() {
+            Some(h) => {
+                h(from, payload);
+                Ok(())
+            }
+            None => self.events.emit_signal(from, payload.to_vec()).await,
+        }
+    }
+}
+
 /// The frame codec of the signal protocol: u32 big-endian length prefix.
 pub(crate) fn frame_codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
@@ -56,7 +100,7 @@ pub(crate) struct SignalRelay {
     local: PeerId,
     control: libp2p_stream::Control,
     protocol: StreamProtocol,
-    sink: EventSink,
+    sink: SignalSink,
     commands: tokio::sync::mpsc::Sender<crate::event_loop::Command>,
     outbound: Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<Option<Writer>>>>>,
 }
@@ -74,7 +118,7 @@ impl SignalRelay {
         local: PeerId,
         control: libp2p_stream::Control,
         protocol: StreamProtocol,
-        sink: EventSink,
+        sink: SignalSink,
         commands: tokio::sync::mpsc::Sender<crate::event_loop::Command>,
     ) -> Self {
         SignalRelay {
@@ -93,6 +137,12 @@ impl SignalRelay {
             map.retain(|_, slot| Arc::strong_count(slot) > 1);
         }
         Ok(map.entry(target).or_default().clone())
+    }
+
+    /// Installs the inbound signal handler (module docs); `false` if one was
+    /// installed already.
+    pub(crate) fn set_handler(&self, handler: SignalHandler) -> bool {
+        self.sink.set_handler(handler)
     }
 
     /// Forgets the stream to `target` (after a disconnect).
@@ -159,7 +209,7 @@ impl SignalRelay {
         if target == self.local {
             return self
                 .sink
-                .emit_signal(self.local, payload)
+                .deliver(self.local, &payload)
                 .await
                 .map_err(|_| SignalError::Closed);
         }
@@ -197,7 +247,7 @@ impl SignalRelay {
 /// own task; every reader ends with this task.
 pub(crate) async fn run_inbound(
     mut incoming: libp2p_stream::IncomingStreams,
-    sink: EventSink,
+    sink: SignalSink,
     cancel: CancellationToken,
 ) {
     let mut readers = JoinSet::new();
@@ -219,12 +269,12 @@ pub(crate) async fn run_inbound(
     readers.shutdown().await;
 }
 
-async fn read_stream(peer: PeerId, stream: Stream, sink: EventSink) {
+async fn read_stream(peer: PeerId, stream: Stream, sink: SignalSink) {
     let mut frames = FramedRead::new(stream.compat(), frame_codec());
     while let Some(frame) = frames.next().await {
         match frame {
             Ok(bytes) => {
-                if sink.emit_signal(peer, bytes.to_vec()).await.is_err() {
+                if sink.deliver(peer, &bytes).await.is_err() {
                     return;
                 }
             }

@@ -169,6 +169,13 @@ impl Hub {
             status: status.clone(),
             started: Instant::now(),
         };
+        {
+            // Inbound relay frames go straight to the sessions from the
+            // signal stream's reader (no event-channel hop); the
+            // `MeshEvent::Signal` arm below only sees frames read before this.
+            let signaling = state.signaling.clone();
+            mesh.set_signal_handler(move |from, bytes| signaling.on_mesh_signal(from, bytes));
+        }
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         tracker.spawn(consume_events(

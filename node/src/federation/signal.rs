@@ -12,7 +12,7 @@
 //! and a per-connection frame rate. Keep-alive pings close dead peers; the
 //! hub's shutdown closes every socket with a close frame.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -27,7 +27,7 @@ use governor::{DefaultDirectRateLimiter, Quota};
 use hubmesh_mesh::{Mesh, PeerId, SignalError};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use utoipa::IntoParams;
@@ -203,15 +203,66 @@ impl Close {
     }
 }
 
-struct Kill {
-    token: CancellationToken,
+/// A session's outbound queue and kill switch, shared by its registry entry
+/// and its socket task. One small allocation per session: the queue holds
+/// no memory while empty (the socket task takes the whole queue at each
+/// wake-up), where a bounded tokio channel preallocates a block of 32 slots
+/// (~1 KB) per idle session, and a separate cancellation token would add
+/// another node.
+struct Outbox {
+    queue: Mutex<VecDeque<String>>,
+    /// Wakes the socket task: a frame was queued or the session was killed.
+    wake: Notify,
+    /// Set once: why the session ends. A set reason refuses new frames.
     reason: OnceLock<Close>,
 }
 
-impl Kill {
+/// Outcome of [`Outbox::push`].
+enum Push {
+    Queued,
+    Full,
+    Closed,
+}
+
+impl Outbox {
+    fn new() -> Self {
+        Outbox {
+            queue: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+            reason: OnceLock::new(),
+        }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<String>> {
+        // Every critical section is one push or one take: a panic cannot
+        // leave the queue half-updated.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `text` unless `cap` frames are waiting or the session ends.
+    fn push(&self, text: String, cap: usize) -> Push {
+        if self.reason.get().is_some() {
+            return Push::Closed;
+        }
+        let mut q = self.queue();
+        if q.len() >= cap {
+            return Push::Full;
+        }
+        q.push_back(text);
+        drop(q);
+        self.wake.notify_one();
+        Push::Queued
+    }
+
+    /// Everything queued, leaving an empty (unallocated) queue behind.
+    fn take(&self) -> VecDeque<String> {
+        std::mem::take(&mut *self.queue())
+    }
+
+    /// Ends the session for `why` (the first reason wins).
     fn fire(&self, why: Close) {
         let _ = self.reason.set(why);
-        self.token.cancel();
+        self.wake.notify_one();
     }
 }
 
@@ -220,8 +271,7 @@ struct Entry {
     since_ms: u64,
     jti: String,
     exp: u64,
-    tx: mpsc::Sender<String>,
-    kill: Arc<Kill>,
+    outbox: Arc<Outbox>,
 }
 
 /// A local session, as the refresh pass sees it.
@@ -440,7 +490,7 @@ impl Signaling {
     /// Closes the local session of `node_id`, if any.
     pub fn kill_node(&self, node_id: &str, why: Close) {
         if let Some(e) = self.lock().get(node_id) {
-            e.kill.fire(why);
+            e.outbox.fire(why);
         }
     }
 
@@ -449,7 +499,7 @@ impl Signaling {
         if let Some(e) = self.lock().get(node_id)
             && e.session == session
         {
-            e.kill.fire(why);
+            e.outbox.fire(why);
         }
     }
 
@@ -458,7 +508,7 @@ impl Signaling {
         if let Some(e) = self.lock().get(node_id)
             && e.since_ms < since_ms
         {
-            e.kill.fire(why);
+            e.outbox.fire(why);
         }
     }
 
@@ -468,14 +518,14 @@ impl Signaling {
         let Some(e) = map.get(node_id) else {
             return false;
         };
-        match e.tx.try_send(text) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+        match e.outbox.push(text, self.config.outbound_queue.max(1)) {
+            Push::Queued => true,
+            Push::Full => {
                 metrics::counter!("hubmesh_ws_slow_consumers_total").increment(1);
-                e.kill.fire(Close::SlowConsumer);
+                e.outbox.fire(Close::SlowConsumer);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Push::Closed => false,
         }
     }
 
@@ -485,7 +535,7 @@ impl Signaling {
             return Err(());
         }
         if let Some(old) = map.insert(node_id.to_owned(), entry) {
-            old.kill.fire(Close::TakenOver);
+            old.outbox.fire(Close::TakenOver);
         }
         Ok(())
     }
@@ -750,7 +800,7 @@ async fn session(
     auth: Result<(Arc<UserClaims>, String), FrameError>,
 ) {
     let sig = state.signaling.clone();
-    let cfg = sig.config().clone();
+    let ttl = sig.config().presence_ttl;
     let (claims, node_id) = match auth {
         Ok(x) => x,
         Err(e) => {
@@ -767,11 +817,7 @@ async fn session(
         close_with(&mut socket, 1001, "hub shutting down").await;
         return;
     }
-    let (tx, mut rx) = mpsc::channel::<String>(cfg.outbound_queue.max(1));
-    let kill = Arc::new(Kill {
-        token: CancellationToken::new(),
-        reason: OnceLock::new(),
-    });
+    let outbox = Arc::new(Outbox::new());
     let session_id = sig.next_session.fetch_add(1, Ordering::Relaxed);
     let since_ms = now_ms();
     let entry = Entry {
@@ -779,8 +825,7 @@ async fn session(
         since_ms,
         jti: claims.jti.clone(),
         exp: claims.exp,
-        tx,
-        kill: kill.clone(),
+        outbox: outbox.clone(),
     };
     if sig.insert(&node_id, entry).is_err() {
         let _ = send(
@@ -802,9 +847,11 @@ async fn session(
         &node_id,
         session_id,
         since_ms,
-        cfg.presence_ttl,
+        ttl,
     );
-    if let Err(e) = state.mesh.write(vec![presence]).await {
+    // Boxed, like every large future awaited here once: the session's own
+    // future stays small for the hours it sits idle.
+    if let Err(e) = Box::pin(state.mesh.write(vec![presence])).await {
         tracing::warn!(error = %e, "presence write failed");
         sig.remove_if(&node_id, session_id);
         let _ = send(
@@ -829,8 +876,11 @@ async fn session(
     let why = if send(&mut socket, Message::text(hello)).await.is_err() {
         Close::Gone
     } else {
-        run_session(&state, &mut socket, &mut rx, &kill, &claims, &node_id).await
+        run_session(&state, &mut socket, &outbox, &claims, &node_id).await
     };
+    // Refuse frames queued from now on (the session may stay in the
+    // registry until `remove_if` below).
+    outbox.fire(why);
     if let Some((code, reason)) = why.frame() {
         if let Some((c, m)) = why.error_frame() {
             let _ = send(&mut socket, Message::text(error_text(c, m, None))).await;
@@ -842,10 +892,12 @@ async fn session(
     if removed
         && why != Close::Shutdown
         && presence::is_current(&state, &node_id, session_id)
-        && let Err(e) = state
-            .mesh
-            .write(vec![presence::tombstone(&node_id, cfg.presence_ttl)])
-            .await
+        && let Err(e) = Box::pin(
+            state
+                .mesh
+                .write(vec![presence::tombstone(&node_id, ttl)]),
+        )
+        .await
     {
         tracing::debug!(error = %e, "presence tombstone not written");
     }
@@ -863,8 +915,7 @@ fn frame_limiter(cfg: &SignalConfig, enabled: bool) -> Option<DefaultDirectRateL
 async fn run_session(
     state: &AppState,
     socket: &mut WebSocket,
-    rx: &mut mpsc::Receiver<String>,
-    kill: &Kill,
+    outbox: &Outbox,
     claims: &UserClaims,
     node_id: &str,
 ) -> Close {
@@ -877,15 +928,16 @@ async fn run_session(
     loop {
         tokio::select! {
             biased;
-            () = kill.token.cancelled() => return kill.reason.get().copied().unwrap_or(Close::Shutdown),
             () = sig.cancel.cancelled() => return Close::Shutdown,
-            out = rx.recv() => match out {
-                Some(text) => {
+            () = outbox.wake.notified() => {
+                if let Some(why) = outbox.reason.get() {
+                    return *why;
+                }
+                for text in outbox.take() {
                     if send(socket, Message::text(text)).await.is_err() {
                         return Close::Gone;
                     }
                 }
-                None => return Close::Gone,
             },
             inbound = socket.recv() => {
                 last_in = Instant::now();
@@ -908,7 +960,9 @@ async fn run_session(
                     Some(Ok(Message::Close(_))) => return Close::Gone,
                     Some(Ok(_)) => continue,
                 };
-                if let Err(e) = handle_text(state, &limiter, claims, node_id, text.as_str()).await {
+                // Boxed: the relay path's future (mesh send, DHT lookup) is
+                // large and would otherwise be part of every idle session.
+                if let Err(e) = Box::pin(handle_text(state, &limiter, claims, node_id, text.as_str())).await {
                     metrics::counter!("hubmesh_ws_error_frames_total", "code" => e.code).increment(1);
                     // A closing error's frame is sent with the close frame.
                     if let Some(c) = e.close {
