@@ -365,6 +365,8 @@ async fn consume_events(
             MeshEvent::SyncFinished { peer, pulled } => status.synced(peer, pulled, now_ms()),
             MeshEvent::Lagged { dropped } => {
                 status.lagged.fetch_add(dropped, Ordering::Relaxed);
+                // Lost events may include presence changes.
+                signaling.forget_routes();
                 tracing::warn!(dropped, "mesh events dropped: the hub lagged");
             }
             MeshEvent::Signal { from, payload } => signaling.on_mesh_signal(from, &payload),

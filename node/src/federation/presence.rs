@@ -121,7 +121,11 @@ pub fn is_current(state: &AppState, node_id: &str, session: u64) -> bool {
 
 /// A remote presence record arrived: a session of ours it supersedes is stale.
 pub fn on_record(sig: &Signaling, r: &Record) {
-    if r.ns != NS || r.deleted {
+    if r.ns != NS {
+        return;
+    }
+    sig.forget_route(&r.key);
+    if r.deleted {
         return;
     }
     let Some(b) = decode_body(r) else { return };

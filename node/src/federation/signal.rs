@@ -12,6 +12,7 @@
 //! and a per-connection frame rate. Keep-alive pings close dead peers; the
 //! hub's shutdown closes every socket with a close frame.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -152,6 +153,11 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const REPLY_QUEUE: usize = 1024;
 /// Version of the hub-to-hub relay frame.
 const RELAY_VERSION: u8 = 1;
+/// Most cached routes to remote nodes; the cache is emptied when full.
+const MAX_ROUTES: usize = 16_384;
+/// How long a cached route is used before the presence record is read
+/// again: bounds how stale a route can be if a presence event was lost.
+const ROUTE_TTL_MS: u64 = 1_000;
 
 /// Why a session ends, and what the client is told.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,6 +301,11 @@ pub struct Signaling {
     config: SignalConfig,
     peer_id: String,
     sessions: Mutex<HashMap<String, Entry>>,
+    /// Remote node id → (its hub, cached until ms): saves a store read,
+    /// a CBOR decode and a PeerId parse per cross-hub signal. Dropped when
+    /// a presence record for the node arrives, and wholesale when mesh
+    /// events were lost.
+    routes: Mutex<HashMap<String, (PeerId, u64)>>,
     next_session: AtomicU64,
     shutting_down: AtomicBool,
     cancel: CancellationToken,
@@ -378,16 +389,20 @@ struct ErrorOut<'a> {
 #[derive(Serialize, Deserialize)]
 struct Relay<'a> {
     v: u8,
-    k: String,
-    to: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    from: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    target: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    code: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    message: Option<String>,
+    // Borrowed from the frame when unescaped (ids and codes always are):
+    // decoding a relay frame allocates nothing but the outbound text.
+    #[serde(borrow)]
+    k: Cow<'a, str>,
+    #[serde(borrow)]
+    to: Cow<'a, str>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    from: Option<Cow<'a, str>>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    target: Option<Cow<'a, str>>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    code: Option<Cow<'a, str>>,
+    #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
+    message: Option<Cow<'a, str>>,
     #[serde(default, borrow, skip_serializing_if = "Option::is_none")]
     payload: Option<&'a RawValue>,
 }
@@ -425,6 +440,7 @@ impl Signaling {
             config,
             peer_id,
             sessions: Mutex::new(HashMap::new()),
+            routes: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(rand::random::<u32>() as u64),
             shutting_down: AtomicBool::new(false),
             cancel: CancellationToken::new(),
@@ -573,48 +589,87 @@ impl Signaling {
                 Err(FrameError::new("target_offline", "target disconnected").target(target))
             };
         }
-        match presence::locate(state, target) {
-            Some(p) if p.hub != self.peer_id => {
-                let peer: PeerId = p.hub.parse().map_err(|_| {
-                    FrameError::new("target_offline", "target's hub unknown").target(target)
-                })?;
-                let frame = serde_json::to_vec(&Relay {
-                    v: RELAY_VERSION,
-                    k: "signal".into(),
-                    to: target.to_owned(),
-                    from: Some(from.to_owned()),
-                    target: None,
-                    code: None,
-                    message: None,
-                    payload: Some(payload),
-                })
-                .map_err(|e| FrameError::new("internal", e.to_string()))?;
-                match state.mesh.send_signal(peer, frame).await {
-                    Ok(()) => Ok(()),
-                    Err(SignalError::TooLarge { .. }) => {
-                        Err(FrameError::new("too_large", "payload too large to relay")
-                            .target(target))
+        let peer = match self.route(target) {
+            Some(peer) => peer,
+            None => match presence::locate(state, target) {
+                Some(p) if p.hub != self.peer_id => {
+                    let peer: PeerId = p.hub.parse().map_err(|_| {
+                        FrameError::new("target_offline", "target's hub unknown").target(target)
+                    })?;
+                    self.remember_route(target, peer);
+                    peer
+                }
+                _ => {
+                    let known = match state.store.get(nodes::NS, target) {
+                        Ok(Some(_)) => true,
+                        _ => matches!(state.mesh.lookup(nodes::NS, target).await, Ok(Some(_))),
+                    };
+                    return Err(if known {
+                        FrameError::new("target_offline", "target is not connected to any hub")
+                    } else {
+                        FrameError::new("unknown_target", "no such node in the federation")
                     }
-                    Err(e) => Err(FrameError::new(
-                        "target_offline",
-                        format!("target's hub is unreachable: {e}"),
-                    )
-                    .target(target)),
+                    .target(target));
                 }
+            },
+        };
+        let frame = serde_json::to_vec(&Relay {
+            v: RELAY_VERSION,
+            k: "signal".into(),
+            to: target.into(),
+            from: Some(from.into()),
+            target: None,
+            code: None,
+            message: None,
+            payload: Some(payload),
+        })
+        .map_err(|e| FrameError::new("internal", e.to_string()))?;
+        match state.mesh.send_signal(peer, frame).await {
+            Ok(()) => Ok(()),
+            Err(SignalError::TooLarge { .. }) => {
+                Err(FrameError::new("too_large", "payload too large to relay").target(target))
             }
-            _ => {
-                let known = match state.store.get(nodes::NS, target) {
-                    Ok(Some(_)) => true,
-                    _ => matches!(state.mesh.lookup(nodes::NS, target).await, Ok(Some(_))),
-                };
-                Err(if known {
-                    FrameError::new("target_offline", "target is not connected to any hub")
-                } else {
-                    FrameError::new("unknown_target", "no such node in the federation")
-                }
+            Err(e) => {
+                self.forget_route(target);
+                Err(FrameError::new(
+                    "target_offline",
+                    format!("target's hub is unreachable: {e}"),
+                )
                 .target(target))
             }
         }
+    }
+
+    fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<String, (PeerId, u64)>> {
+        // Single map operations only: a panic cannot leave it inconsistent.
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The cached hub of remote node `node_id`, if still fresh.
+    fn route(&self, node_id: &str) -> Option<PeerId> {
+        let now = now_ms();
+        self.routes()
+            .get(node_id)
+            .filter(|(_, until)| *until > now)
+            .map(|(peer, _)| *peer)
+    }
+
+    fn remember_route(&self, node_id: &str, hub: PeerId) {
+        let mut routes = self.routes();
+        if routes.len() >= MAX_ROUTES && !routes.contains_key(node_id) {
+            routes.clear();
+        }
+        routes.insert(node_id.to_owned(), (hub, now_ms() + ROUTE_TTL_MS));
+    }
+
+    /// Drops the cached route to `node_id` (its presence record changed).
+    pub fn forget_route(&self, node_id: &str) {
+        self.routes().remove(node_id);
+    }
+
+    /// Drops every cached route (presence events may have been lost).
+    pub fn forget_routes(&self) {
+        self.routes().clear();
     }
 
     /// A relay frame from hub `from` (mesh signal event). Never waits: a
@@ -629,13 +684,13 @@ impl Signaling {
             tracing::debug!(%from, v = r.v, "relay frame of an unknown version dropped");
             return;
         }
-        match (r.k.as_str(), r.from.as_deref(), r.payload) {
+        match (r.k.as_ref(), r.from.as_deref(), r.payload) {
             ("signal", Some(sender), Some(payload)) => {
                 if !self.deliver(&r.to, signal_text(sender, payload)) {
                     let reply = Relay {
                         v: RELAY_VERSION,
                         k: "error".into(),
-                        to: sender.to_owned(),
+                        to: sender.into(),
                         from: None,
                         target: Some(r.to.clone()),
                         code: Some("target_offline".into()),
