@@ -8,12 +8,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use common::{HubOptions, HubProc, WAIT, client, hubmesh, run_with_stdin, tmp, wait_until};
 use futures::{SinkExt, StreamExt};
 use hubmesh_node::federation::nodes::node_id_of;
 use rand::SeedableRng;
@@ -21,90 +21,19 @@ use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
-const BIN: &str = env!("CARGO_BIN_EXE_hubmesh");
-const WAIT: Duration = Duration::from_secs(20);
 const PW: &str = "correct horse battery";
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-struct HubProc {
-    child: Child,
-    http: String,
-    mesh: String,
+/// A hub of the `fed-test` federation.
+fn hub() -> HubOptions {
+    HubOptions::new("fed-test")
 }
 
-impl Drop for HubProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(dir: &Path, bootstrap: Option<&str>) -> Result<HubProc> {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["run", "--data-dir"])
-        .arg(dir)
-        .args([
-            "--http",
-            "127.0.0.1:0",
-            "--mesh",
-            "/ip4/127.0.0.1/udp/0/quic-v1",
-        ])
-        .args(["--federation", "fed-test"])
-        .env("HUBMESH_RATE_LIMITS", "off")
-        .env("HUBMESH_SYNC_INTERVAL_SECS", "2")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    if let Some(b) = bootstrap {
-        cmd.args(["--bootstrap", b]);
-    }
-    let mut child = cmd.spawn().context("spawning hubmesh run")?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let Ok(line) = rx.recv_timeout(WAIT) else {
-        let _ = child.kill();
-        bail!("no ready line within {WAIT:?}");
-    };
-    let field = |name: &str| -> Result<String> {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{name}=")))
-            .map(str::to_owned)
-            .with_context(|| format!("no {name}= in {line:?}"))
-    };
-    Ok(HubProc {
-        http: format!("http://{}", field("http")?),
-        mesh: field("mesh")?,
-        child,
-    })
-}
-
-/// Runs the CLI with `args`, `stdin` piped in, within [`WAIT`].
-fn cli(args: &[&str], stdin: &[u8]) -> Result<Output> {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env_remove("HUBMESH_ADMIN_TOKEN")
-        .env_remove("HUBMESH_DATA_DIR")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    child.stdin.take().context("stdin")?.write_all(stdin)?;
-    let start = Instant::now();
-    while child.try_wait()?.is_none() {
-        if start.elapsed() > WAIT {
-            let _ = child.kill();
-            bail!("hubmesh {args:?} did not finish in time");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output()?;
+/// Runs the CLI with `args`, `stdin` piped in, within [`WAIT`]; fails unless it succeeds.
+fn cli(args: &[&str], stdin: &[u8]) -> Result<std::process::Output> {
+    let out = run_with_stdin(&mut hubmesh(args), stdin, WAIT)?;
     if !out.status.success() {
         bail!(
             "hubmesh {args:?} failed: {}",
@@ -112,13 +41,6 @@ fn cli(args: &[&str], stdin: &[u8]) -> Result<Output> {
         );
     }
     Ok(out)
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap()
 }
 
 async fn token(hub: &HubProc, user: &str) -> Result<String> {
@@ -202,25 +124,14 @@ async fn send(s: &mut Ws, target: &str, payload: Value) -> Result<()> {
 
 async fn until<F: std::future::Future<Output = Result<bool>>>(
     what: &str,
-    mut f: impl FnMut() -> F,
+    f: impl FnMut() -> F,
 ) -> Result<()> {
-    let deadline = Instant::now() + WAIT;
-    while !f().await? {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
+    wait_until(what, WAIT, Duration::from_millis(100), f).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hub_processes_identity_search_signal_seal_offline_logout() -> Result<()> {
-    let (d1, d2, keys) = (
-        tempfile::tempdir()?,
-        tempfile::tempdir()?,
-        tempfile::tempdir()?,
-    );
+    let (d1, d2, keys) = (tmp(), tmp(), tmp());
     let pw = format!("{PW}\n{PW}\n");
     cli(
         &[
@@ -242,8 +153,8 @@ async fn two_hub_processes_identity_search_signal_seal_offline_logout() -> Resul
         ],
         pw.as_bytes(),
     )?;
-    let h1 = start(d1.path(), None)?;
-    let h2 = start(d2.path(), Some(&h1.mesh))?;
+    let h1 = hub().start(d1.path())?;
+    let h2 = hub().bootstrap(&h1.mesh).start(d2.path())?;
     let tx = token(&h1, "xavier").await?;
     let ty = token(&h2, "yvonne").await?;
 

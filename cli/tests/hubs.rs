@@ -2,88 +2,34 @@
 //! --http --mesh [--bootstrap]…`, then the `hubmesh ready …` line), driven
 //! over HTTP as a Discovery client would. Every wait has a deadline.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use base64::Engine;
+use common::{BIN, HubOptions, HubProc, WAIT, client, poll, run_with_stdin, tmp, wait_exit};
 use hubmesh_node::discovery::{hmac_message, sign_registration};
 use serde_json::{Value, json};
 
-const BIN: &str = env!("CARGO_BIN_EXE_hubmesh");
 const ACME: &str = "acme-secret";
 const THIRD: &str = "third-secret";
-const WAIT: Duration = Duration::from_secs(20);
 
-struct HubProc {
-    child: Child,
-    http: String,
-    mesh: String,
-    peer: String,
+/// Runs a CLI command (stdin empty, output captured) within [`WAIT`].
+fn run(cmd: &mut Command) -> Result<Output> {
+    run_with_stdin(cmd, b"", WAIT)
 }
 
-impl Drop for HubProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(dir: &Path, bootstrap: &[&str], rate_limits: &str) -> Result<HubProc> {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["run", "--data-dir"])
-        .arg(dir)
-        .args([
-            "--http",
-            "127.0.0.1:0",
-            "--mesh",
-            "/ip4/127.0.0.1/udp/0/quic-v1",
-        ])
-        .args(["--federation", "cli-test"])
+/// A hub of the `cli-test` federation with both clusters' secrets and
+/// `HUBMESH_RATE_LIMITS=rate_limits`.
+fn hub(rate_limits: &str) -> HubOptions {
+    HubOptions::new("cli-test")
         .env("CLUSTER_SECRET_ACME_CORP", ACME)
         .env("CLUSTER_SECRET_THIRD", THIRD)
-        .env("HUBMESH_RATE_LIMITS", rate_limits)
-        .env("HUBMESH_SYNC_INTERVAL_SECS", "2")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    for b in bootstrap {
-        cmd.args(["--bootstrap", b]);
-    }
-    let mut child = cmd.spawn().context("spawning hubmesh run")?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = match rx.recv_timeout(WAIT) {
-        Ok(l) => l,
-        Err(_) => {
-            let _ = child.kill();
-            bail!("no ready line within {WAIT:?}");
-        }
-    };
-    let field = |name: &str| -> Result<String> {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{name}=")))
-            .map(str::to_owned)
-            .with_context(|| format!("no {name}= in {line:?}"))
-    };
-    if !line.starts_with("hubmesh ready ") {
-        bail!("unexpected first line {line:?}");
-    }
-    let (http, mesh, peer) = (field("http")?, field("mesh")?, field("peer")?);
-    assert!(mesh.ends_with(&format!("/p2p/{peer}")), "{line}");
-    Ok(HubProc {
-        child,
-        http: format!("http://{http}"),
-        mesh,
-        peer,
-    })
+        .rate_limits(rate_limits)
 }
 
 fn ts(offset: i64) -> String {
@@ -101,13 +47,6 @@ fn register_body(cluster: &str, secret: &str, server_id: &str) -> Value {
         "publicKey": key, "timestamp": t,
         "clusterSecretHmac": sign_registration(secret.as_bytes(), &hmac_message(server_id, cluster, &url, &key, &t)),
     })
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("building a client")
 }
 
 async fn register(hub: &HubProc, cluster: &str, secret: &str, id: &str) -> Result<String> {
@@ -152,32 +91,26 @@ async fn wait_for(
     what: &str,
     pred: impl Fn(&[String]) -> bool,
 ) -> Result<()> {
-    let deadline = Instant::now() + WAIT;
-    loop {
+    poll(what, WAIT, Duration::from_millis(50), || async {
         let (status, v) = lookup(hub, cluster, token).await?;
-        if status == 200 && pred(&ids(&v)) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("{what}: still {status} {v} after {WAIT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        Ok(if status == 200 && pred(&ids(&v)) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(format!("{status} {v}"))
+        })
+    })
+    .await
 }
 
 const S1: &str = "11111111-1111-4111-8111-111111111111";
 const S2: &str = "22222222-2222-4222-8222-222222222222";
 const S3: &str = "33333333-3333-4333-8333-333333333333";
 
-fn tmp() -> tempfile::TempDir {
-    tempfile::tempdir().expect("a temp dir")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn discovery_across_two_hub_processes() -> Result<()> {
     let (d1, d2) = (tmp(), tmp());
-    let h1 = start(d1.path(), &[], "off")?;
-    let h2 = start(d2.path(), &[&h1.mesh], "off")?;
+    let h1 = hub("off").start(d1.path())?;
+    let h2 = hub("off").bootstrap(&h1.mesh).start(d2.path())?;
 
     // A server registers at hub 1; another server of its cluster finds it at hub 2.
     let t1 = register(&h1, "acme-corp", ACME, S1).await?;
@@ -204,17 +137,21 @@ async fn discovery_across_two_hub_processes() -> Result<()> {
 
     // A third cluster's token gets 403.
     let t3 = register(&h1, "third", THIRD, S3).await?;
-    let (status, v) = {
-        let deadline = Instant::now() + WAIT;
-        loop {
+    let (status, v) = poll(
+        "a third cluster's token judged at hub 2",
+        WAIT,
+        Duration::from_millis(50),
+        || async {
             let (s, v) = lookup(&h2, "acme-corp", &t3).await?;
             // 401 until hub 2 has seen hub 1 (it has: it bootstrapped to it).
-            if s != 401 || Instant::now() > deadline {
-                break (s, v);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
+            Ok(if s != 401 {
+                ControlFlow::Break((s, v))
+            } else {
+                ControlFlow::Continue(format!("{s} {v}"))
+            })
+        },
+    )
+    .await?;
     assert_eq!(status, 403, "{v}");
     assert_eq!(v["error"], "forbidden");
 
@@ -231,7 +168,7 @@ async fn discovery_across_two_hub_processes() -> Result<()> {
     .await?;
 
     // The discovery helpers of the CLI: register at hub 2, look up at hub 1.
-    let out = Command::new(BIN)
+    let out = run(Command::new(BIN)
         .args([
             "discovery",
             "register",
@@ -241,8 +178,7 @@ async fn discovery_across_two_hub_processes() -> Result<()> {
             "acme-corp",
         ])
         .args(["--public-url", "https://cli.example:9090"])
-        .env("CLUSTER_SECRET_ACME_CORP", ACME)
-        .output()?;
+        .env("CLUSTER_SECRET_ACME_CORP", ACME))?;
     assert!(out.status.success(), "{out:?}");
     let reg: Value = serde_json::from_slice(&out.stdout)?;
     let cli_id = reg["serverId"].as_str().context("serverId")?.to_owned();
@@ -255,7 +191,7 @@ async fn discovery_across_two_hub_processes() -> Result<()> {
         |ids| ids.contains(&cli_id),
     )
     .await?;
-    let out = Command::new(BIN)
+    let out = run(Command::new(BIN)
         .args([
             "discovery",
             "lookup",
@@ -264,11 +200,10 @@ async fn discovery_across_two_hub_processes() -> Result<()> {
             "--cluster",
             "acme-corp",
         ])
-        .args(["--token", &cli_token])
-        .output()?;
+        .args(["--token", &cli_token]))?;
     assert!(out.status.success(), "{out:?}");
     assert!(ids(&serde_json::from_slice(&out.stdout)?).contains(&cli_id));
-    let out = Command::new(BIN)
+    let out = run(Command::new(BIN)
         .args([
             "discovery",
             "register",
@@ -278,21 +213,16 @@ async fn discovery_across_two_hub_processes() -> Result<()> {
             "acme-corp",
         ])
         .args(["--public-url", "https://cli.example:9090"])
-        .env("CLUSTER_SECRET_ACME_CORP", "wrong")
-        .output()?;
+        .env("CLUSTER_SECRET_ACME_CORP", "wrong"))?;
     assert!(!out.status.success(), "a wrong secret fails");
 
     // The operator CLI over the same hubs.
-    let out = Command::new(BIN)
-        .args(["status", "--hub", &h2.http])
-        .output()?;
+    let out = run(Command::new(BIN).args(["status", "--hub", &h2.http]))?;
     assert!(out.status.success(), "{out:?}");
     let status: Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(status["identity"]["peerId"], h2.peer.as_str());
     assert!(status["records"]["server"].as_u64().is_some());
-    let out = Command::new(BIN)
-        .args(["peers", "--hub", &h2.http])
-        .output()?;
+    let out = run(Command::new(BIN).args(["peers", "--hub", &h2.http]))?;
     assert!(out.status.success());
     let peers: Value = serde_json::from_slice(&out.stdout)?;
     assert!(
@@ -300,22 +230,19 @@ async fn discovery_across_two_hub_processes() -> Result<()> {
             .as_array()
             .is_some_and(|p| p.iter().any(|x| x["peerId"] == h1.peer.as_str()))
     );
-    let out = Command::new(BIN)
-        .args([
-            "lookup",
-            "--hub",
-            &h1.http,
-            "server",
-            &format!("acme-corp/{S2}"),
-        ])
-        .output()?;
+    let out = run(Command::new(BIN).args([
+        "lookup",
+        "--hub",
+        &h1.http,
+        "server",
+        &format!("acme-corp/{S2}"),
+    ]))?;
     assert!(out.status.success(), "{out:?}");
     let rec: Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(rec["body"]["server_id"], S2);
     assert_eq!(rec["origin"], h2.peer.as_str());
-    let out = Command::new(BIN)
-        .args(["lookup", "--hub", &h1.http, "server", "acme-corp/none"])
-        .output()?;
+    let out =
+        run(Command::new(BIN).args(["lookup", "--hub", &h1.http, "server", "acme-corp/none"]))?;
     assert!(!out.status.success());
     Ok(())
 }
@@ -323,14 +250,14 @@ async fn discovery_across_two_hub_processes() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_right_after_register_keeps_it_and_the_mesh_agrees() -> Result<()> {
     let (d1, d2) = (tmp(), tmp());
-    let h2 = start(d2.path(), &[], "off")?;
-    let mut h1 = start(d1.path(), &[&h2.mesh], "off")?;
+    let h2 = hub("off").start(d2.path())?;
+    let mut h1 = hub("off").bootstrap(&h2.mesh).start(d1.path())?;
     let peer1 = h1.peer.clone();
     let token = register(&h1, "acme-corp", ACME, S1).await?;
     h1.child.kill()?; // SIGKILL, right after the 2xx
     h1.child.wait()?;
     drop(h1);
-    let h1 = start(d1.path(), &[&h2.mesh], "off")?;
+    let h1 = hub("off").bootstrap(&h2.mesh).start(d1.path())?;
     assert_eq!(h1.peer, peer1, "same identity after restart");
     let (status, v) = lookup(&h1, "acme-corp", &token).await?;
     assert_eq!(status, 200, "{v}");
@@ -349,7 +276,7 @@ async fn kill9_right_after_register_keeps_it_and_the_mesh_agrees() -> Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_errors_rate_limit_and_sigterm() -> Result<()> {
     let d = tmp();
-    let mut h = start(d.path(), &[], "on")?;
+    let mut h = hub("on").start(d.path())?;
     let c = client();
     // Wrong HMAC.
     let mut b = register_body("acme-corp", "wrong", S1);
@@ -401,16 +328,7 @@ async fn http_errors_rate_limit_and_sigterm() -> Result<()> {
             .status()?
             .success()
     );
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(s) = h.child.try_wait()? {
-            break s;
-        }
-        if Instant::now() > deadline {
-            bail!("no exit within {WAIT:?} of SIGTERM");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let status = wait_exit(&mut h.child, "SIGTERM", WAIT, Duration::from_millis(20)).await?;
     assert!(status.success(), "{status:?}");
     Ok(())
 }
@@ -419,10 +337,7 @@ async fn http_errors_rate_limit_and_sigterm() -> Result<()> {
 fn init_writes_identity_and_config() -> Result<()> {
     let d = tmp();
     let data: PathBuf = d.path().join("data");
-    let out = Command::new(BIN)
-        .args(["init", "--data-dir"])
-        .arg(&data)
-        .output()?;
+    let out = run(Command::new(BIN).args(["init", "--data-dir"]).arg(&data))?;
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8(out.stdout)?;
     let peer = text
@@ -434,7 +349,7 @@ fn init_writes_identity_and_config() -> Result<()> {
     let cfg = std::fs::read_to_string(data.join("hubmesh.toml"))?;
     assert!(cfg.contains("# http = \"127.0.0.1:8080\""));
     // Running with that data dir keeps that identity.
-    let h = start(&data, &[], "off")?;
+    let h = hub("off").start(&data)?;
     assert_eq!(h.peer, peer);
     Ok(())
 }

@@ -8,19 +8,21 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use common::{BIN, KillOnDrop, StdoutLines, run_with_stdin, wait_exit};
 use hubmesh_testnet::chaos::{self, ChaosOptions, Scenario};
 use hubmesh_testnet::{HubInfo, Options, Testnet};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-const BIN: &str = env!("CARGO_BIN_EXE_hubmesh");
+/// Longer than `common::WAIT`: three hubs start (and sync) per wait here.
 const WAIT: Duration = Duration::from_secs(40);
 
 fn chaos_opts() -> ChaosOptions {
@@ -68,53 +70,37 @@ async fn kill9_during_writes_three_hub_processes_lose_nothing() -> Result<()> {
 
 /// `hubmesh testnet up` running in the background, stdout parsed.
 struct Up {
-    child: Child,
+    child: KillOnDrop,
     hubs: Vec<HubInfo>,
 }
 
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn up(dir: &Path, extra: &[&str]) -> Result<Up> {
-    let mut child = Command::new(BIN)
-        .args([
-            "testnet",
-            "up",
-            "--hubs",
-            "3",
-            "--base-port",
-            "0",
-            "--json",
-            "--quiet",
-        ])
-        .arg("--dir")
-        .arg(dir)
-        .args(extra)
-        .env("CLUSTER_SECRET_ACME_CORP", "s3cret")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let (tx, rx) = std::sync::mpsc::sync_channel(8);
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let mut child = KillOnDrop(
+        Command::new(BIN)
+            .args([
+                "testnet",
+                "up",
+                "--hubs",
+                "3",
+                "--base-port",
+                "0",
+                "--json",
+                "--quiet",
+            ])
+            .arg("--dir")
+            .arg(dir)
+            .args(extra)
+            .env("CLUSTER_SECRET_ACME_CORP", "s3cret")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?,
+    );
+    let lines = StdoutLines::of(&mut child)?;
     let mut hubs = Vec::new();
     let deadline = Instant::now() + WAIT;
     while hubs.len() < 3 {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Ok(line) = rx.recv_timeout(left) else {
-            let _ = child.kill();
+        let Some(line) = lines.next_before(deadline) else {
             bail!("only {} hub lines within {WAIT:?}", hubs.len());
         };
         let h: HubInfo = serde_json::from_str(&line).with_context(|| format!("{line:?}"))?;
@@ -122,6 +108,18 @@ fn up(dir: &Path, extra: &[&str]) -> Result<Up> {
         hubs.push(h);
     }
     Ok(Up { child, hubs })
+}
+
+/// Sends `sig` to `up` and waits (within [`WAIT`]) for it to exit.
+async fn stop(up: &mut Up, sig: Signal) -> Result<ExitStatus> {
+    kill(Pid::from_raw(up.child.id() as i32), sig)?;
+    wait_exit(
+        &mut up.child,
+        &format!("testnet up after {sig}"),
+        WAIT,
+        Duration::from_millis(100),
+    )
+    .await
 }
 
 /// The `hubmesh run` processes whose parent is `pid`.
@@ -162,11 +160,15 @@ fn cmdline(pid: u32) -> String {
         .unwrap_or_default()
 }
 
+/// Runs `hubmesh ARGS` within [`WAIT`]; its stdout, or an error unless it succeeds.
 fn cli(args: &[&str]) -> Result<String> {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("CLUSTER_SECRET_ACME_CORP", "s3cret")
-        .output()?;
+    let out = run_with_stdin(
+        Command::new(BIN)
+            .args(args)
+            .env("CLUSTER_SECRET_ACME_CORP", "s3cret"),
+        b"",
+        WAIT,
+    )?;
     if !out.status.success() {
         bail!(
             "hubmesh {args:?}: {}\n{}",
@@ -178,14 +180,10 @@ fn cli(args: &[&str]) -> Result<String> {
 }
 
 async fn wait_until(what: &str, mut f: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + WAIT;
-    while !f() {
-        if Instant::now() > deadline {
-            bail!("timed out: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Ok(())
+    common::wait_until(what, WAIT, Duration::from_millis(100), || {
+        std::future::ready(Ok(f()))
+    })
+    .await
 }
 
 fn answers(http: &str) -> bool {
@@ -250,18 +248,8 @@ async fn up_as_a_new_user_then_ctrl_c_leaves_nothing() -> Result<()> {
     .await?;
 
     // Ctrl-C: every hub stops, `up` exits 0, nothing answers any more.
-    kill(Pid::from_raw(up_pid as i32), Signal::SIGINT)?;
     let mut u = u;
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(s) = u.child.try_wait()? {
-            break s;
-        }
-        if Instant::now() > deadline {
-            bail!("testnet up did not exit after SIGINT");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = stop(&mut u, Signal::SIGINT).await?;
     assert!(status.success(), "{status}");
     for p in &pids {
         assert!(gone(*p), "hub pid {p} still runs: {}", cmdline(*p));
@@ -404,17 +392,7 @@ async fn up_survives_a_hub_dying_and_still_stops_cleanly() -> Result<()> {
     kill(Pid::from_raw(pids[1] as i32), Signal::SIGKILL)?;
     wait_until("the crashed hub gone", || gone(pids[1])).await?;
     assert!(answers(&u.hubs[0].http));
-    kill(Pid::from_raw(u.child.id() as i32), Signal::SIGTERM)?;
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(s) = u.child.try_wait()? {
-            break s;
-        }
-        if Instant::now() > deadline {
-            bail!("testnet up did not exit after SIGTERM");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = stop(&mut u, Signal::SIGTERM).await?;
     assert!(status.success(), "{status}");
     for p in &pids {
         assert!(gone(*p), "hub pid {p} still runs");

@@ -6,105 +6,27 @@
 //! `passwd`, `remove`, `list`, and bad input to the CLI. Every wait has a
 //! deadline.
 
-use std::io::{BufRead, BufReader, Write};
+mod common;
+
+use std::ops::ControlFlow;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use common::{HubOptions, HubProc, WAIT, client, hubmesh, poll, run_with_stdin, tmp};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_hubmesh");
-const WAIT: Duration = Duration::from_secs(20);
-
-struct HubProc {
-    child: Child,
-    http: String,
-    mesh: String,
-}
-
-impl Drop for HubProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(dir: &Path, federation: &str, bootstrap: Option<&str>) -> Result<HubProc> {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["run", "--data-dir"])
-        .arg(dir)
-        .args([
-            "--http",
-            "127.0.0.1:0",
-            "--mesh",
-            "/ip4/127.0.0.1/udp/0/quic-v1",
-        ])
-        .args(["--federation", federation])
-        .env("HUBMESH_RATE_LIMITS", "off")
-        .env("HUBMESH_SYNC_INTERVAL_SECS", "2")
-        .env("RUST_LOG", "warn")
-        .env_remove("HUBMESH_ADMIN_TOKEN")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    if let Some(b) = bootstrap {
-        cmd.args(["--bootstrap", b]);
-    }
-    let mut child = cmd.spawn().context("spawning hubmesh run")?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let Ok(line) = rx.recv_timeout(WAIT) else {
-        let _ = child.kill();
-        bail!("no ready line within {WAIT:?}");
-    };
-    let field = |name: &str| -> Result<String> {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{name}=")))
-            .map(str::to_owned)
-            .with_context(|| format!("no {name}= in {line:?}"))
-    };
-    Ok(HubProc {
-        http: format!("http://{}", field("http")?),
-        mesh: field("mesh")?,
-        child,
-    })
+/// A hub of `federation`, with no operator token from the environment.
+fn hub(federation: &str) -> HubOptions {
+    HubOptions::new(federation).env_remove("HUBMESH_ADMIN_TOKEN")
 }
 
 /// Runs `hubmesh user ARGS --data-dir DIR` with `stdin` piped in.
 fn user(dir: &Path, args: &[&str], stdin: &str) -> Result<Output> {
-    let mut child = Command::new(BIN)
-        .arg("user")
-        .args(args)
-        .arg("--data-dir")
-        .arg(dir)
-        .env_remove("HUBMESH_ADMIN_TOKEN")
-        .env_remove("HUBMESH_DATA_DIR")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("spawning hubmesh user")?;
-    child
-        .stdin
-        .take()
-        .context("stdin")?
-        .write_all(stdin.as_bytes())?;
-    let start = Instant::now();
-    loop {
-        if child.try_wait()?.is_some() {
-            return Ok(child.wait_with_output()?);
-        }
-        if start.elapsed() > WAIT {
-            let _ = child.kill();
-            bail!("hubmesh user {args:?} did not finish within {WAIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut cmd = hubmesh(["user"]);
+    cmd.args(args).arg("--data-dir").arg(dir);
+    run_with_stdin(&mut cmd, stdin.as_bytes(), WAIT)
 }
 
 fn ok(out: &Output) -> String {
@@ -120,13 +42,6 @@ fn ok(out: &Output) -> String {
 fn failed(out: &Output) -> String {
     assert!(!out.status.success(), "unexpected success");
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("building a client")
 }
 
 async fn login(hub: &HubProc, user: &str, pw: &str) -> Result<(u16, Value)> {
@@ -160,25 +75,25 @@ async fn me(hub: &HubProc, token: &str) -> Result<(u16, Value)> {
 
 async fn until_me(hub: &HubProc, token: &str, want: u16) -> Result<Duration> {
     let start = Instant::now();
-    loop {
-        let (s, v) = me(hub, token).await?;
-        if s == want {
-            return Ok(start.elapsed());
-        }
-        if start.elapsed() > WAIT {
-            bail!("/users/me still {s} {v} after {WAIT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    poll(
+        &format!("/users/me answering {want}"),
+        WAIT,
+        Duration::from_millis(25),
+        || async {
+            let (s, v) = me(hub, token).await?;
+            Ok(if s == want {
+                ControlFlow::Break(start.elapsed())
+            } else {
+                ControlFlow::Continue(format!("{s} {v}"))
+            })
+        },
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn users_tokens_roaming_and_logout_across_hub_processes() -> Result<()> {
-    let (d1, d2, d3) = (
-        tempfile::tempdir()?,
-        tempfile::tempdir()?,
-        tempfile::tempdir()?,
-    );
+    let (d1, d2, d3) = (tmp(), tmp(), tmp());
 
     // Stopped hub: directly on its (new) store.
     let out = user(
@@ -211,9 +126,9 @@ async fn users_tokens_roaming_and_logout_across_hub_processes() -> Result<()> {
     assert!(err.contains("no hub data directory"), "{err}");
 
     // Running hubs: through the operator API found in DATA_DIR/facade.addr.
-    let h1 = start(d1.path(), "users-test", None)?;
-    let h2 = start(d2.path(), "users-test", Some(&h1.mesh))?;
-    let h3 = start(d3.path(), "other-federation", None)?;
+    let h1 = hub("users-test").start(d1.path())?;
+    let h2 = hub("users-test").bootstrap(&h1.mesh).start(d2.path())?;
+    let h3 = hub("other-federation").start(d3.path())?;
     let out = user(d1.path(), &["add", "bob"], "password-b\npassword-b\n")?;
     assert!(ok(&out).contains("created user bob"));
     let err = failed(&user(
@@ -299,7 +214,7 @@ async fn users_tokens_roaming_and_logout_across_hub_processes() -> Result<()> {
         "password-x\npassword-x\n",
     )?);
     assert!(err.contains("no such user"), "{err}");
-    let h1 = start(d1.path(), "users-test", None)?;
+    let h1 = hub("users-test").start(d1.path())?;
     token(&h1, "alice", "password-a3").await?;
     drop((h1, h2, h3));
     Ok(())
