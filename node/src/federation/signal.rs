@@ -897,13 +897,7 @@ async fn session(
     }
     // Durable before auth_ok: once the client hears auth_ok, every hub that
     // has the record can route to it.
-    let presence = presence::draft(
-        &state.peer_id,
-        &node_id,
-        session_id,
-        since_ms,
-        ttl,
-    );
+    let presence = presence::draft(&state.peer_id, &node_id, session_id, since_ms, ttl);
     // Boxed, like every large future awaited here once: the session's own
     // future stays small for the hours it sits idle.
     if let Err(e) = Box::pin(state.mesh.write(vec![presence])).await {
@@ -947,12 +941,7 @@ async fn session(
     if removed
         && why != Close::Shutdown
         && presence::is_current(&state, &node_id, session_id)
-        && let Err(e) = Box::pin(
-            state
-                .mesh
-                .write(vec![presence::tombstone(&node_id, ttl)]),
-        )
-        .await
+        && let Err(e) = Box::pin(state.mesh.write(vec![presence::tombstone(&node_id, ttl)])).await
     {
         tracing::debug!(error = %e, "presence tombstone not written");
     }
