@@ -1095,3 +1095,59 @@ async fn handle_text(
 pub fn routes() -> Router<AppState> {
     Router::new().route("/ws/signal", get(ws_signal))
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn outbox_bounds_wakes_and_refuses_after_close() {
+        let o = Outbox::new();
+        assert_eq!(
+            o.queue().capacity(),
+            0,
+            "an idle outbox holds no queue memory"
+        );
+        assert!(matches!(o.push("a".into(), 2), Push::Queued));
+        assert!(matches!(o.push("b".into(), 2), Push::Queued));
+        assert!(matches!(o.push("c".into(), 2), Push::Full));
+        // The pushes left a wake-up permit: the socket task cannot miss them.
+        tokio::time::timeout(Duration::from_secs(1), o.wake.notified())
+            .await
+            .unwrap();
+        assert_eq!(Vec::from(o.take()), vec!["a".to_owned(), "b".to_owned()]);
+        assert_eq!(o.queue().capacity(), 0, "taking leaves no memory behind");
+        o.fire(Close::SlowConsumer);
+        o.fire(Close::TakenOver);
+        assert_eq!(
+            o.reason.get(),
+            Some(&Close::SlowConsumer),
+            "first reason wins"
+        );
+        assert!(matches!(o.push("d".into(), 2), Push::Closed));
+        tokio::time::timeout(Duration::from_secs(1), o.wake.notified())
+            .await
+            .unwrap();
+    }
+
+    #[test]
+    fn routes_are_cached_briefly_and_forgotten() {
+        let limit = || Limit::new("t", 10, &crate::Config::default());
+        let sig = Signaling::new(SignalConfig::default(), "hub".into(), limit(), limit());
+        let peer = PeerId::random();
+        assert_eq!(sig.route("n1"), None);
+        sig.remember_route("n1", peer);
+        sig.remember_route("n2", peer);
+        assert_eq!(sig.route("n1"), Some(peer));
+        sig.forget_route("n1");
+        assert_eq!(sig.route("n1"), None);
+        assert_eq!(sig.route("n2"), Some(peer));
+        sig.forget_routes();
+        assert_eq!(sig.route("n2"), None);
+        // An entry past its time is not used.
+        sig.routes()
+            .insert("n3".into(), (peer, now_ms().saturating_sub(1)));
+        assert_eq!(sig.route("n3"), None);
+    }
+}
