@@ -86,9 +86,34 @@ struct HubArgs {
     /// Admin token (needed unless talking to the hub over loopback).
     #[arg(long, env = "HUBMESH_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// File holding the admin token (e.g. DATA_DIR/admin.token), so the
+    /// token stays out of the process list and shell history.
+    #[arg(long, env = "HUBMESH_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    admin_token_file: Option<PathBuf>,
     /// Accept an invalid TLS certificate (self-signed hubs).
     #[arg(long)]
     insecure: bool,
+}
+
+impl HubArgs {
+    /// The admin token: `--admin-token`, else the first line of
+    /// `--admin-token-file` (an unreadable or empty file is an error, not a
+    /// silent fall back to no token).
+    fn token(&self) -> anyhow::Result<Option<String>> {
+        if let Some(t) = &self.admin_token {
+            return Ok(Some(t.clone()));
+        }
+        let Some(path) = &self.admin_token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the admin token file {}", path.display()))?;
+        let token = text.lines().next().unwrap_or("").trim();
+        if token.is_empty() {
+            bail!("the admin token file {} is empty", path.display());
+        }
+        Ok(Some(token.to_owned()))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -258,7 +283,7 @@ async fn finish(resp: reqwest::Response) -> anyhow::Result<()> {
 
 async fn print_get(hub: &HubArgs, path: &str) -> anyhow::Result<()> {
     let mut req = client(hub)?.get(url(hub, path));
-    if let Some(t) = &hub.admin_token {
+    if let Some(t) = hub.token()? {
         req = req.header("X-Admin-Token", t);
     }
     let resp = req

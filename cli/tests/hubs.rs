@@ -353,3 +353,59 @@ fn init_writes_identity_and_config() -> Result<()> {
     assert_eq!(h.peer, peer);
     Ok(())
 }
+
+/// Operator commands authenticate with `--admin-token-file` when the hub does
+/// not treat loopback clients as admins; a missing or empty file is a clear
+/// error, and no token is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_commands_read_the_admin_token_from_a_file() -> Result<()> {
+    let d = tmp();
+    let conf = d.path().join("hub.toml");
+    std::fs::write(&conf, "[facade]\nadmin_from_loopback = false\n")?;
+    let h = hub("off")
+        .env("HUBMESH_CONFIG", conf.to_str().context("utf-8 path")?)
+        .env_remove("HUBMESH_ADMIN_TOKEN")
+        .env_remove("HUBMESH_ADMIN_TOKEN_FILE")
+        .start(d.path())?;
+    let token_file = d.path().join("admin.token");
+    assert!(token_file.is_file(), "the hub generated its admin token");
+    let status = |extra: &[&str]| -> Result<Output> {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["status", "--hub", &h.http])
+            .args(extra)
+            .env_remove("HUBMESH_ADMIN_TOKEN")
+            .env_remove("HUBMESH_ADMIN_TOKEN_FILE");
+        run_with_stdin(&mut cmd, b"", WAIT)
+    };
+
+    let out = status(&["--admin-token-file", token_file.to_str().context("utf-8")?])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(
+        v["identity"]["peerId"],
+        Value::String(h.peer.clone()),
+        "{v}"
+    );
+
+    let out = status(&[])?;
+    assert!(!out.status.success(), "no token: refused");
+
+    let empty = d.path().join("empty.token");
+    std::fs::write(&empty, "\n")?;
+    let out = status(&["--admin-token-file", empty.to_str().context("utf-8")?])?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is empty"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = status(&["--admin-token-file", "/nonexistent/admin.token"])?;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reading the admin token file"));
+    Ok(())
+}
