@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use futures::{SinkExt, StreamExt};
-use hubmesh_node::federation::nodes::{NodeBody, identity_draft, node_id_of, now_ms};
+use hubmesh_node::federation::nodes::{NodeBody, identity_draft, node_id_of};
+use hubmesh_node::now_ms;
 use hubmesh_node::{Config, Hub};
 use rand::SeedableRng;
 use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey, LineEnding};

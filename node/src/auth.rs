@@ -212,10 +212,7 @@ pub fn peer_public_key(peer: &PeerId) -> Option<[u8; 32]> {
 }
 
 fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    crate::now_ms() / 1000
 }
 
 impl TokenService {

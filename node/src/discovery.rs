@@ -8,7 +8,7 @@
 //! `specs/facade.md`.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Path, Query, State};
@@ -26,6 +26,7 @@ use crate::auth::{ServerClaims, TokenError, bearer};
 use crate::config::DiscoveryConfig;
 use crate::error::{ApiError, ApiJson};
 use crate::facade::AppState;
+use crate::now_ms;
 
 /// Namespace of discovery registrations.
 pub const NS: &str = "server";
@@ -252,13 +253,6 @@ pub fn sign_registration(secret: &[u8], message: &str) -> String {
         .expect("HMAC-SHA256 accepts keys of any length");
     mac.update(message.as_bytes());
     B64.encode(mac.finalize().into_bytes())
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// RFC 3339 UTC of `ms`.

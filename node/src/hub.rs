@@ -24,6 +24,7 @@ use crate::discovery::Discovery;
 use crate::error::NodeError;
 use crate::facade::{self, AppState};
 use crate::limits::{self, FamilyLimiter};
+use crate::now_ms;
 use crate::tls;
 
 /// Re-exported for `hubmesh init`.
@@ -59,13 +60,6 @@ impl std::fmt::Debug for Hub {
             .field("http", &self.inner.http_addr)
             .finish_non_exhaustive()
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Hub {
@@ -207,6 +201,8 @@ impl Hub {
         {
             let (limiter, cancel) = (state.discovery_limiter.clone(), cancel.clone());
             let federation = state.federation.clone();
+            let signaling = state.signaling.clone();
+            // One task forgets idle clients of every per-IP limiter.
             tracker.spawn(async move {
                 let mut tick = tokio::time::interval(limits::CLEANUP_PERIOD);
                 loop {
@@ -215,6 +211,7 @@ impl Hub {
                         _ = tick.tick() => {
                             limiter.cleanup();
                             federation.cleanup();
+                            signaling.cleanup_limiters();
                         }
                     }
                 }

@@ -37,6 +37,15 @@ pub use config::{Config, RunArgs};
 pub use error::{ApiError, NodeError};
 pub use hub::Hub;
 
+/// Wall-clock milliseconds since the Unix epoch (0 for a clock set before
+/// it): the one "now" of record expiries, timestamps and token checks.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Installs the global tracing subscriber on stderr (stdout is reserved for
 /// the `hubmesh ready` line): `RUST_LOG` filters (default `info`), text or
 /// JSON lines. Safe to call twice (the second call does nothing).

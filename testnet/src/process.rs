@@ -97,8 +97,9 @@ fn field(line: &str, name: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// Parses `hubmesh ready http=… mesh=… peer=…`.
-pub(crate) fn parse_ready(name: &str, line: &str) -> Result<HubInfo, TestnetError> {
+/// Parses `hubmesh ready http=… mesh=… peer=…` (the mesh address must end
+/// in `/p2p/<peer>`); `name` labels the hub in the result and the error.
+pub fn parse_ready(name: &str, line: &str) -> Result<HubInfo, TestnetError> {
     let bad = || TestnetError::hub(name, format!("unexpected first stdout line {line:?}"));
     if !line.starts_with("hubmesh ready ") {
         return Err(bad());
@@ -110,6 +111,9 @@ pub(crate) fn parse_ready(name: &str, line: &str) -> Result<HubInfo, TestnetErro
     ) else {
         return Err(bad());
     };
+    if !mesh.ends_with(&format!("/p2p/{peer}")) {
+        return Err(bad());
+    }
     Ok(HubInfo {
         name: name.to_owned(),
         http: format!("http://{http}"),
@@ -343,5 +347,13 @@ mod tests {
         assert!(h.mesh.ends_with("/p2p/12D3KooWX"));
         assert!(parse_ready("hub-0", "Error: address in use").is_err());
         assert!(parse_ready("hub-0", "hubmesh ready http=1.2.3.4:5").is_err());
+        assert!(
+            parse_ready(
+                "hub-0",
+                "hubmesh ready http=127.0.0.1:7000 mesh=/ip4/127.0.0.1/udp/7000/quic-v1/p2p/12D3KooWX peer=12D3KooWY",
+            )
+            .is_err(),
+            "a mesh address of another peer is refused"
+        );
     }
 }

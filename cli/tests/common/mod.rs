@@ -200,25 +200,10 @@ impl HubOptions {
     }
 }
 
-/// Parses `hubmesh ready http=ADDR mesh=MULTIADDR peer=ID` into
-/// (`http://ADDR`, mesh, peer), checking that the mesh address ends in
-/// `/p2p/ID`.
+/// The ready line's facade URL, mesh address and PeerId (the testnet's parser).
 pub fn parse_ready(line: &str) -> Result<(String, String, String)> {
-    if !line.starts_with("hubmesh ready ") {
-        bail!("unexpected first line {line:?}");
-    }
-    let field = |name: &str| -> Result<String> {
-        let prefix = format!("{name}=");
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&prefix))
-            .map(str::to_owned)
-            .with_context(|| format!("no {name}= in {line:?}"))
-    };
-    let (http, mesh, peer) = (field("http")?, field("mesh")?, field("peer")?);
-    if !mesh.ends_with(&format!("/p2p/{peer}")) {
-        bail!("mesh address not ending in /p2p/{peer}: {line:?}");
-    }
-    Ok((format!("http://{http}"), mesh, peer))
+    let info = hubmesh_testnet::process::parse_ready("hub", line)?;
+    Ok((info.http, info.mesh, info.peer))
 }
 
 /// A temporary directory, removed when dropped.

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
 use crate::error::ApiError;
+use crate::now_ms;
 
 /// Longest username (OAuth names `provider:login` included).
 pub const MAX_USERNAME: usize = 128;
@@ -155,13 +156,6 @@ pub fn check_password(pw: &str) -> Result<(), AccountError> {
         )));
     }
     Ok(())
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Argon2id (v19, m = 19 MiB, t = 2, p = 1: the crate's defaults, OWASP's

@@ -8,7 +8,7 @@
 //! owner (`owner:<iss>/<sub>`), which every hub re-verifies on arrival.
 //! Errors use the family's FastAPI shape ([`FedError`]).
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -26,6 +26,7 @@ use super::{FedError, Limit, authenticate_headers};
 use crate::auth::UserClaims;
 use crate::error::{ApiError, ApiJson};
 use crate::facade::AppState;
+use crate::now_ms;
 
 /// Namespace of node identity records.
 pub const NS: &str = "node";
@@ -238,14 +239,6 @@ pub fn owner_term(iss: &str, sub: &str) -> String {
         .map(|b| format!("{b:02x}"))
         .collect();
     format!("owner:{iss}/#{hex}")
-}
-
-/// Wall-clock milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Decodes an identity body.

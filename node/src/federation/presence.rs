@@ -13,9 +13,10 @@ use hubmesh_mesh::PeerId;
 use hubmesh_store::{Draft, Record};
 use serde::{Deserialize, Serialize};
 
-use super::nodes::{self, now_ms};
+use super::nodes;
 use super::signal::{Close, Signaling};
 use crate::facade::AppState;
+use crate::now_ms;
 
 /// Namespace of presence records.
 pub const NS: &str = "presence";
@@ -147,11 +148,9 @@ pub async fn refresh_loop(state: AppState, cancel: tokio_util::sync::Cancellatio
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
-    let mut cleanup = tokio::time::interval(crate::limits::CLEANUP_PERIOD);
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
-            _ = cleanup.tick() => sig.cleanup_limiters(),
             _ = tick.tick() => refresh_once(&state).await,
         }
     }

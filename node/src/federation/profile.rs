@@ -18,11 +18,12 @@ use hubmesh_store::{Draft, Record};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::nodes::{self, DetailBody, NodeBody, RECORD_TTL, REFRESH_BELOW, now_ms, tombstone};
+use super::nodes::{self, DetailBody, NodeBody, RECORD_TTL, REFRESH_BELOW, tombstone};
 use super::{FedError, Limit, authenticate_headers};
 use crate::auth::UserClaims;
 use crate::error::{ApiError, ApiJson};
 use crate::facade::AppState;
+use crate::now_ms;
 
 /// Namespace of profiles.
 pub const NS: &str = "profile";

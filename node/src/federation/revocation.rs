@@ -21,6 +21,7 @@ use crate::auth::UserClaims;
 use crate::config::MAX_USER_TOKEN_TTL;
 use crate::error::{ApiError, ApiJson};
 use crate::facade::AppState;
+use crate::now_ms;
 
 /// The record namespace.
 pub const NS: &str = "revocation";
@@ -50,13 +51,6 @@ pub struct RevocationBody {
 pub struct LogoutResponse {
     /// `Successfully logged out`.
     pub message: String,
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 fn check_jti(jti: &str) -> Result<(), String> {

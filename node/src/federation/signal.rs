@@ -33,10 +33,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use utoipa::IntoParams;
 
-use super::nodes::{self, now_ms};
+use super::nodes;
 use super::{Limit, presence, profile};
 use crate::auth::UserClaims;
 use crate::facade::AppState;
+use crate::now_ms;
 
 /// Signaling settings (`[signal]` in the config file).
 #[derive(Debug, Clone, PartialEq, Eq)]
