@@ -690,16 +690,34 @@ impl EventLoop {
         if conns.len() < 2 {
             return;
         }
-        // Among candidates keep the newest: a second connection dialled
-        // from the same side means the peer restarted and the older one is
-        // dead but not yet timed out.
+        // Candidates: the connections dialled by the smaller PeerId (both
+        // ends agree on them); keep the first, so a redundant second dial
+        // never breaks streams already open on the first. One exception: two
+        // inbound connections from different source addresses mean the peer
+        // restarted on a new socket, and the older one is dead but not yet
+        // timed out here; keep the newest then. (The restarted peer holds
+        // only the new connection, so the ends still agree.)
         let want_mine = self.local < peer;
-        let keep = conns
+        let mut pool: Vec<&Conn> = conns
             .iter()
-            .rev()
-            .find(|c| c.dialer_is_me == want_mine)
-            .or_else(|| conns.last())
-            .map(|c| c.id);
+            .filter(|c| c.dialer_is_me == want_mine)
+            .collect();
+        if pool.is_empty() {
+            pool = conns.iter().collect();
+        }
+        let Some(first) = pool.first().copied() else {
+            return;
+        };
+        let keep = if first.dialer_is_me {
+            first.id
+        } else {
+            pool.iter()
+                .rev()
+                .find(|c| c.remote != first.remote)
+                .unwrap_or(&first)
+                .id
+        };
+        let keep = Some(keep);
         let close: Vec<ConnectionId> = conns
             .iter()
             .filter(|c| Some(c.id) != keep)
