@@ -808,3 +808,168 @@ async fn sealed_payload_crosses_two_hubs_and_tampering_is_detected() {
     t.h2.shutdown().await;
     t.h1.shutdown().await;
 }
+
+/// `hubmesh_ws_slow_consumers_total` as `GET /metrics` reports it (0 before
+/// the first slow consumer: the counter is not rendered until incremented).
+async fn slow_consumers(hub: &Hub) -> u64 {
+    let (st, v) = req(reqwest::Method::GET, hub, "/metrics", None, None).await;
+    assert_eq!(st, 200, "{v}");
+    let text = v.as_str().unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("hubmesh_ws_slow_consumers_total "))
+        .map(|n| n.trim().parse::<f64>().unwrap() as u64)
+        .unwrap_or(0)
+}
+
+/// A `/ws/signal` client whose socket has a small receive buffer, so that a
+/// client that stops reading fills the TCP buffers after a few frames.
+async fn ws_small_buffer(hub: &Hub, token: &str) -> Result<Ws> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let stream = tokio::time::timeout(WAIT, socket.connect(hub.http_addr())).await??;
+    let u = format!("ws://{}/ws/signal?token={token}", hub.http_addr());
+    let stream = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+    let (s, _) = tokio::time::timeout(WAIT, tokio_tungstenite::client_async(u, stream)).await??;
+    Ok(s)
+}
+
+/// Issue 5: a reader that stops reading is dropped (close 4008, counted in
+/// `hubmesh_ws_slow_consumers_total`), never waited for: the sender's frames
+/// keep being read and answered, other sessions and requests are served,
+/// and the stuck session leaves the hub without waiting for its socket.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_reader_is_dropped_with_4008_and_never_blocks_the_hub() {
+    /// Most signals sent at the stuck reader: far more than its queue (8)
+    /// plus the socket buffers hold (about 100 frames on Linux loopback).
+    const MAX_FLOOD: usize = 3000;
+    let dir = tempfile::tempdir().unwrap();
+    // Rate limits off: the flood is not cut by the per-connection frame limit.
+    let hub = spawn(dir.path(), None, false, |_| {}).await;
+    let (x, y, z) = (key(0), key(1), key(2));
+    let tx = node(&hub, "xavier", &x, json!({})).await;
+    let ty = node(&hub, "yvonne", &y, json!({})).await;
+    let tz = node(&hub, "zoe", &z, json!({})).await;
+    let before = slow_consumers(&hub).await;
+
+    let mut wy = ws_small_buffer(&hub, &ty).await.unwrap();
+    assert_eq!(next(&mut wy).await.unwrap()["type"], "auth_ok");
+    let mut wz = ws(&hub, &tz).await.unwrap();
+    assert_eq!(next(&mut wz).await.unwrap()["type"], "auth_ok");
+    let wx = ws(&hub, &tx).await.unwrap();
+    let (mut x_out, mut x_in) = wx.split();
+    let auth = tokio::time::timeout(WAIT, x_in.next()).await.unwrap();
+    assert!(
+        matches!(&auth, Some(Ok(Message::Text(t))) if t.contains("auth_ok")),
+        "{auth:?}"
+    );
+
+    // From here Y reads nothing. X floods Y with ~12 KB signals (numbered)
+    // from a task, each send bounded: if the hub stopped reading X's socket
+    // (waiting on Y), X's sends would block and time out.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let (stop, target) = (stop.clone(), y.node_id.clone());
+        let blob = "s".repeat(12 * 1024);
+        tokio::spawn(async move {
+            let mut sent = 0;
+            while sent < MAX_FLOOD && !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let frame = signal(&target, json!({"seq": sent, "blob": blob}));
+                tokio::time::timeout(WAIT, x_out.send(Message::text(frame.to_string())))
+                    .await
+                    .expect("X's send blocked: the hub stopped reading X")
+                    .unwrap();
+                sent += 1;
+            }
+            (x_out, sent)
+        })
+    };
+    // The hub answers X `target_offline` for Y once it has dropped Y. The
+    // hub drops only a reader whose queue is full, and Y reads nothing, so
+    // this answer comes while the flood runs (or the flood was too short).
+    let dropped = tokio::time::timeout(WAIT, async {
+        loop {
+            match x_in.next().await {
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value = serde_json::from_str(&t).unwrap();
+                    assert_eq!(v["code"], "target_offline", "{v}");
+                    assert_eq!(v["target_node_id"], y.node_id.as_str(), "{v}");
+                    break;
+                }
+                Some(Ok(_)) => continue,
+                other => panic!("X's socket ended: {other:?}"),
+            }
+        }
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (x_out, sent) = tokio::time::timeout(WAIT, flood).await.unwrap().unwrap();
+    assert!(
+        dropped.is_ok(),
+        "no target_offline for the stuck reader after {sent} signals"
+    );
+    assert!(sent < MAX_FLOOD, "the hub never dropped the stuck reader");
+
+    // Counted, and the stuck session leaves the hub promptly, while Y still
+    // reads nothing (its socket is not waited for: well under the 10 s
+    // write timeout).
+    until("slow consumer counted", || async {
+        (slow_consumers(&hub).await > before).then_some(())
+    })
+    .await;
+    let t0 = Instant::now();
+    until("Y's session gone", || async {
+        (!hub.state().signaling.is_local(&y.node_id)).then_some(())
+    })
+    .await;
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "the stuck session stayed {:?}",
+        t0.elapsed()
+    );
+
+    // The hub serves everyone else meanwhile: a plain request, and a signal
+    // round trip X -> Z -> X (X's socket may still hold error frames for
+    // the rest of the flood: skipped).
+    let (st, _) = req(reqwest::Method::GET, &hub, "/health", None, None).await;
+    assert_eq!(st, 200);
+    let mut wx = x_in.reunite(x_out).unwrap();
+    send(&mut wx, &signal(&z.node_id, json!({"ping": 1}))).await;
+    let m = next(&mut wz).await.unwrap();
+    assert_eq!(
+        (m["from_node_id"].as_str(), &m["payload"]),
+        (Some(x.node_id.as_str()), &json!({"ping": 1}))
+    );
+    send(&mut wz, &signal(&x.node_id, json!({"pong": 1}))).await;
+    let pong = tokio::time::timeout(WAIT, async {
+        loop {
+            let m = next(&mut wx).await.unwrap();
+            if m["type"] == "signal" {
+                return m;
+            }
+            assert_eq!(m["code"], "target_offline", "{m}");
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(pong["payload"], json!({"pong": 1}));
+
+    // Y reads again: the signals the hub wrote before dropping it (a prefix
+    // of the flood, in order), then close 4008.
+    let (code, texts) = closed(&mut wy).await;
+    assert_eq!(
+        code,
+        Some(CloseCode::Library(4008)),
+        "{} frames",
+        texts.len()
+    );
+    assert!(texts.len() < sent, "{} of {sent}", texts.len());
+    for (i, t) in texts.iter().enumerate() {
+        assert_eq!(t["from_node_id"], x.node_id.as_str());
+        assert_eq!(t["payload"]["seq"], i, "signals in send order");
+    }
+    eprintln!(
+        "flood: {sent} signals sent, {} reached Y before close 4008",
+        texts.len()
+    );
+    hub.shutdown().await;
+}

@@ -842,12 +842,55 @@ async fn send(socket: &mut WebSocket, m: Message) -> Result<(), ()> {
     }
 }
 
+/// Sends `m` on a live session's socket unless the session ends first:
+/// killed (slow reader, takeover, revocation: `outbox.reason`) or the hub
+/// shutting down. A reader that stopped reading blocks the write once the
+/// TCP buffers are full; without this race its session (and the hub's
+/// shutdown) would wait out the [`WRITE_TIMEOUT`] and the slow reader would
+/// be dropped without its close frame.
+async fn send_live(
+    socket: &mut WebSocket,
+    m: Message,
+    outbox: &Outbox,
+    cancel: &CancellationToken,
+) -> Result<(), Close> {
+    // The wake-up is shared with `Outbox::push`: one consumed here while
+    // waiting for a kill is given back, so a queued frame is not left
+    // waiting for the next push.
+    let mut consumed = false;
+    let r = {
+        let killed = async {
+            loop {
+                if let Some(why) = outbox.reason.get() {
+                    return *why;
+                }
+                outbox.wake.notified().await;
+                consumed = true;
+            }
+        };
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => Err(Close::Shutdown),
+            why = killed => Err(why),
+            r = send(socket, m) => r.map_err(|()| Close::Gone),
+        }
+    };
+    if consumed {
+        outbox.wake.notify_one();
+    }
+    r
+}
+
 async fn close_with(socket: &mut WebSocket, code: u16, reason: &'static str) {
+    close_within(socket, code, reason, Duration::from_secs(1)).await;
+}
+
+async fn close_within(socket: &mut WebSocket, code: u16, reason: &'static str, within: Duration) {
     let frame = Message::Close(Some(CloseFrame {
         code,
         reason: Utf8Bytes::from_static(reason),
     }));
-    let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(frame)).await;
+    let _ = tokio::time::timeout(within, socket.send(frame)).await;
 }
 
 async fn session(
@@ -928,15 +971,9 @@ async fn session(
     } else {
         run_session(&state, &mut socket, &outbox, &claims, &node_id).await
     };
-    // Refuse frames queued from now on (the session may stay in the
-    // registry until `remove_if` below).
+    // Refuse frames queued from now on, and leave the hub (registry, then
+    // presence) before the goodbye, which a stuck reader can hold up.
     outbox.fire(why);
-    if let Some((code, reason)) = why.frame() {
-        if let Some((c, m)) = why.error_frame() {
-            let _ = send(&mut socket, Message::text(error_text(c, m, None))).await;
-        }
-        close_with(&mut socket, code, reason).await;
-    }
     let removed = sig.remove_if(&node_id, session_id);
     metrics::gauge!("hubmesh_ws_sessions").set(sig.len() as f64);
     if removed
@@ -945,6 +982,31 @@ async fn session(
         && let Err(e) = Box::pin(state.mesh.write(vec![presence::tombstone(&node_id, ttl)])).await
     {
         tracing::debug!(error = %e, "presence tombstone not written");
+    }
+    if let Some((code, reason)) = why.frame() {
+        // A slow reader's socket is full by definition: its close frame
+        // waits behind the frames already written, for as long as any
+        // write may take (a reader that resumes within that time sees
+        // 4008), unless the hub shuts down meanwhile.
+        let within = if why == Close::SlowConsumer {
+            WRITE_TIMEOUT
+        } else {
+            Duration::from_secs(1)
+        };
+        let goodbye = async {
+            if let Some((c, m)) = why.error_frame() {
+                let _ = send(&mut socket, Message::text(error_text(c, m, None))).await;
+            }
+            close_within(&mut socket, code, reason, within).await;
+        };
+        if why == Close::Shutdown {
+            goodbye.await;
+        } else {
+            tokio::select! {
+                () = goodbye => {}
+                () = sig.cancel.cancelled() => {}
+            }
+        }
     }
     tracing::debug!(node = %node_id, ?why, "signal session ended");
 }
@@ -979,8 +1041,8 @@ async fn run_session(
                     return *why;
                 }
                 for text in outbox.take() {
-                    if send(socket, Message::text(text)).await.is_err() {
-                        return Close::Gone;
+                    if let Err(why) = send_live(socket, Message::text(text), outbox, &sig.cancel).await {
+                        return why;
                     }
                 }
             },
@@ -997,8 +1059,8 @@ async fn run_session(
                     Some(Ok(Message::Text(t))) => t,
                     Some(Ok(Message::Binary(_))) => {
                         let t = error_text("malformed_frame", "binary frames are not supported; send JSON text", None);
-                        if send(socket, Message::text(t)).await.is_err() {
-                            return Close::Gone;
+                        if let Err(why) = send_live(socket, Message::text(t), outbox, &sig.cancel).await {
+                            return why;
                         }
                         continue;
                     }
@@ -1014,8 +1076,8 @@ async fn run_session(
                         return c;
                     }
                     let t = error_text(e.code, &e.message, e.target.as_deref());
-                    if send(socket, Message::text(t)).await.is_err() {
-                        return Close::Gone;
+                    if let Err(why) = send_live(socket, Message::text(t), outbox, &sig.cancel).await {
+                        return why;
                     }
                 }
             }
@@ -1023,8 +1085,8 @@ async fn run_session(
                 if last_in.elapsed() > cfg.ping_timeout {
                     return Close::PingTimeout;
                 }
-                if send(socket, Message::Ping(Default::default())).await.is_err() {
-                    return Close::Gone;
+                if let Err(why) = send_live(socket, Message::Ping(Default::default()), outbox, &sig.cancel).await {
+                    return why;
                 }
             }
         }
