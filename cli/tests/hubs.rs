@@ -409,3 +409,84 @@ async fn operator_commands_read_the_admin_token_from_a_file() -> Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("reading the admin token file"));
     Ok(())
 }
+
+/// `[signal]` settings follow flag > `HUBMESH_SIGNAL_*` env > file >
+/// default in a real `hubmesh run`, observed through validation: an
+/// out-of-range value stops the hub with an error naming the setting and the
+/// value used, a valid one above it lets the hub start.
+#[test]
+fn signal_settings_flag_over_env_over_file() -> Result<()> {
+    let d = tmp();
+    let conf = |name: &str, queue: u32| -> Result<String> {
+        let path = d.path().join(name);
+        std::fs::write(&path, format!("[signal]\noutbound_queue = {queue}\n"))?;
+        Ok(path.to_str().context("utf-8 path")?.to_owned())
+    };
+    let (good_file, bad_file) = (conf("good.toml", 8)?, conf("bad.toml", 0)?);
+    // A hub that must refuse to start: its error, within WAIT.
+    let refused = |file: &str, env: &str| -> Result<String> {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--data-dir"])
+            .arg(d.path().join("refused"))
+            .args([
+                "--http",
+                "127.0.0.1:0",
+                "--mesh",
+                "/ip4/127.0.0.1/udp/0/quic-v1",
+            ])
+            .env("HUBMESH_CONFIG", file)
+            .env("HUBMESH_SIGNAL_OUTBOUND_QUEUE", env);
+        let out = run(&mut cmd)?;
+        assert!(!out.status.success(), "{out:?}");
+        Ok(String::from_utf8(out.stderr)?)
+    };
+
+    // Env beats file: the env's 0 is used (and refused), not the file's 8.
+    let e = refused(&good_file, "0")?;
+    assert!(
+        e.contains(
+            "signal.outbound_queue (--signal-outbound-queue, HUBMESH_SIGNAL_OUTBOUND_QUEUE) must be 1..=4096, got 0"
+        ),
+        "{e}"
+    );
+    // Not a number: clap names the flag and the value.
+    let e = refused(&good_file, "lots")?;
+    assert!(
+        e.contains("--signal-outbound-queue") && e.contains("lots"),
+        "{e}"
+    );
+    // File beats default: the file's 0 is refused when nothing is above it.
+    let mut cmd = Command::new(BIN);
+    cmd.args(["run", "--data-dir"])
+        .arg(d.path().join("refused"))
+        .args([
+            "--http",
+            "127.0.0.1:0",
+            "--mesh",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+        ])
+        .env("HUBMESH_CONFIG", &bad_file)
+        .env_remove("HUBMESH_SIGNAL_OUTBOUND_QUEUE");
+    let out = run(&mut cmd)?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("got 0"),
+        "{out:?}"
+    );
+
+    // Env beats file: a valid env value hides the file's bad one.
+    let h = hub("off")
+        .env("HUBMESH_CONFIG", &bad_file)
+        .env("HUBMESH_SIGNAL_OUTBOUND_QUEUE", "16")
+        .start(&d.path().join("env"))?;
+    drop(h);
+    // Flag beats env: a valid flag hides the env's bad value.
+    let h = hub("off")
+        .env("HUBMESH_CONFIG", &good_file)
+        .env("HUBMESH_SIGNAL_OUTBOUND_QUEUE", "0")
+        .arg("--signal-outbound-queue")
+        .arg("32")
+        .start(&d.path().join("flag"))?;
+    drop(h);
+    Ok(())
+}

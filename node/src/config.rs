@@ -121,6 +121,9 @@ pub struct RunArgs {
     /// Public base URL of this hub's facade (OAuth redirect URIs). Default: the bound address.
     #[arg(long, env = "HUBMESH_PUBLIC_URL", value_name = "URL")]
     pub public_url: Option<String>,
+    /// Signaling settings: `--signal-*` / `HUBMESH_SIGNAL_*`, over `[signal]` of the file.
+    #[command(flatten)]
+    pub signal: crate::federation::signal::FileSignal,
 }
 
 /// The TOML config file. Every field is optional; see [`CONFIG_TEMPLATE`].
@@ -741,7 +744,7 @@ impl Config {
                 .unwrap_or(d.shutdown_grace),
             dev,
             federation_hub,
-            signal: file.signal.resolve()?,
+            signal: args.signal.clone().or(file.signal).resolve()?,
         })
     }
 
@@ -1012,6 +1015,18 @@ pub const CONFIG_TEMPLATE: &str = r#"# hubmesh hub configuration (TOML). Precede
 # scopes = ["openid"]
 # subject_field = "sub"
 # name_field = "preferred_username"
+
+[signal]
+# Also flags --signal-<key with dashes> and env HUBMESH_SIGNAL_<KEY>, e.g. HUBMESH_SIGNAL_OUTBOUND_QUEUE.
+# presence_ttl_secs = 30                 # presence record lifetime (3..=600), rewritten every third of it
+# max_sessions = 50000                   # /ws/signal sessions on this hub (close 1013 beyond)
+# max_message_bytes = 16384              # largest client text frame (1024..=49152)
+# frames_per_second = 50                 # per connection, burst twice that; 0 = unlimited
+# outbound_queue = 64                    # frames queued per socket before a slow reader is closed (4008), 1..=4096
+# ping_interval_secs = 20                # keep-alive ping period
+# ping_timeout_secs = 60                 # close (4000) without any client frame for this long; > ping_interval_secs
+# register_per_minute = 10               # POST /register-node-id per client IP
+# profile_per_minute = 20                # PUT/DELETE /profile per client IP
 "#;
 
 #[cfg(test)]
@@ -1109,6 +1124,210 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    /// `hubmesh run`'s flags as clap parses them (tests set no `HUBMESH_*`
+    /// variable; env values reach the same fields, see the cli process tests).
+    fn run_args(argv: &[&str]) -> Result<RunArgs, clap::Error> {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Run {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        Run::try_parse_from(std::iter::once("run").chain(argv.iter().copied())).map(|r| r.run)
+    }
+
+    #[test]
+    fn signal_settings_flag_over_file_over_default() {
+        use crate::federation::signal::SignalConfig;
+        let file: FileConfig = toml::from_str(
+            "[signal]\noutbound_queue = 8\nping_interval_secs = 5\nping_timeout_secs = 15\n",
+        )
+        .unwrap();
+        let args = run_args(&[
+            "--signal-outbound-queue",
+            "16",
+            "--signal-max-sessions",
+            "3",
+        ])
+        .unwrap();
+        let c = Config::merge(&args, file, &[]).unwrap().signal;
+        assert_eq!(c.outbound_queue, 16, "flag beats file");
+        assert_eq!(c.max_sessions, 3, "flag beats default");
+        assert_eq!(
+            c.ping_interval,
+            Duration::from_secs(5),
+            "file beats default"
+        );
+        assert_eq!(c.ping_timeout, Duration::from_secs(15));
+        assert_eq!(c.presence_ttl, SignalConfig::default().presence_ttl);
+        // Every setting has its flag.
+        let args = run_args(&[
+            "--signal-presence-ttl-secs",
+            "12",
+            "--signal-max-sessions",
+            "7",
+            "--signal-max-message-bytes",
+            "2048",
+            "--signal-frames-per-second",
+            "0",
+            "--signal-outbound-queue",
+            "2",
+            "--signal-ping-interval-secs",
+            "3",
+            "--signal-ping-timeout-secs",
+            "4",
+            "--signal-register-per-minute",
+            "5",
+            "--signal-profile-per-minute",
+            "6",
+        ])
+        .unwrap();
+        let c = Config::merge(&args, FileConfig::default(), &[])
+            .unwrap()
+            .signal;
+        assert_eq!(
+            c,
+            SignalConfig {
+                presence_ttl: Duration::from_secs(12),
+                max_sessions: 7,
+                max_message_bytes: 2048,
+                frames_per_second: 0,
+                outbound_queue: 2,
+                ping_interval: Duration::from_secs(3),
+                ping_timeout: Duration::from_secs(4),
+                register_per_minute: 5,
+                profile_per_minute: 6,
+            }
+        );
+    }
+
+    #[test]
+    fn signal_flags_env_and_file_keys_match() {
+        use clap::CommandFactory;
+        #[derive(clap::Parser)]
+        struct Run {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let cmd = Run::command();
+        let mut keys = Vec::new();
+        for a in cmd.get_arguments() {
+            let Some(long) = a.get_long().and_then(|l| l.strip_prefix("signal-")) else {
+                continue;
+            };
+            let env = a.get_env().and_then(|e| e.to_str()).unwrap_or_default();
+            let key = long.replace('-', "_");
+            assert_eq!(env, format!("HUBMESH_SIGNAL_{}", key.to_ascii_uppercase()));
+            assert!(
+                CONFIG_TEMPLATE.contains(&format!("\n# {key} = ")),
+                "{key} is in the template"
+            );
+            keys.push(key);
+        }
+        assert_eq!(keys.len(), 9, "{keys:?}");
+        // Each flag's file key is a key of [signal].
+        let table: String = keys.iter().map(|k| format!("{k} = 30\n")).collect();
+        toml::from_str::<FileConfig>(&format!("[signal]\n{table}")).unwrap();
+        // The template's [signal] values, uncommented, are the defaults.
+        let signal = CONFIG_TEMPLATE.split("\n[signal]\n").nth(1).unwrap();
+        let uncommented: String = signal
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.contains(" = "))
+            .map(|l| format!("{}\n", l.split(" #").next().unwrap()))
+            .collect();
+        let file: FileConfig = toml::from_str(&format!("[signal]\n{uncommented}")).unwrap();
+        assert_eq!(
+            file.signal.clone().resolve().unwrap(),
+            crate::federation::signal::SignalConfig::default()
+        );
+        assert_eq!(uncommented.lines().count(), 9, "{uncommented}");
+    }
+
+    #[test]
+    fn signal_bad_values_are_clear_errors() {
+        let e = run_args(&["--signal-outbound-queue", "many"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--signal-outbound-queue") && e.contains("many"),
+            "{e}"
+        );
+        let e = run_args(&["--signal-frames-per-second=-1"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--signal-frames-per-second"), "{e}");
+        for (argv, file, needle) in [
+            (
+                &["--signal-outbound-queue", "0"][..],
+                "",
+                "signal.outbound_queue (--signal-outbound-queue, HUBMESH_SIGNAL_OUTBOUND_QUEUE) must be 1..=4096, got 0",
+            ),
+            (
+                &[],
+                "[signal]\noutbound_queue = 5000\n",
+                "signal.outbound_queue (--signal-outbound-queue, HUBMESH_SIGNAL_OUTBOUND_QUEUE) must be 1..=4096, got 5000",
+            ),
+            (
+                &["--signal-presence-ttl-secs", "2"],
+                "",
+                "must be 3..=600, got 2",
+            ),
+            (&["--signal-max-sessions", "0"], "", "signal.max_sessions"),
+            (
+                &["--signal-max-message-bytes", "100"],
+                "",
+                "must be 1024..=49152, got 100",
+            ),
+            (
+                &["--signal-ping-interval-secs", "0"],
+                "",
+                "signal.ping_interval_secs",
+            ),
+            (
+                &["--signal-ping-timeout-secs", "20"],
+                "",
+                "signal.ping_timeout_secs (--signal-ping-timeout-secs, HUBMESH_SIGNAL_PING_TIMEOUT_SECS) must be > ping_interval_secs (20), got 20",
+            ),
+            (
+                &["--signal-register-per-minute", "0"],
+                "",
+                "HUBMESH_SIGNAL_REGISTER_PER_MINUTE",
+            ),
+            (
+                &["--signal-profile-per-minute", "0"],
+                "",
+                "HUBMESH_SIGNAL_PROFILE_PER_MINUTE",
+            ),
+            // A valid flag hides a bad file value.
+            (
+                &["--signal-outbound-queue", "8"],
+                "[signal]\nmax_sessions = 0\n",
+                "signal.max_sessions",
+            ),
+        ] {
+            let file: FileConfig = toml::from_str(file).unwrap();
+            let e = Config::merge(&run_args(argv).unwrap(), file, &[])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{argv:?}: {e}");
+        }
+        let file: FileConfig = toml::from_str("[signal]\noutbound_queue = 0\n").unwrap();
+        let args = run_args(&["--signal-outbound-queue", "8"]).unwrap();
+        assert_eq!(
+            Config::merge(&args, file, &[])
+                .unwrap()
+                .signal
+                .outbound_queue,
+            8,
+            "a valid flag overrides a bad file value"
+        );
+        let e = toml::from_str::<FileConfig>("[signal]\noutbound_queu = 8\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("outbound_queu"), "{e}");
     }
 
     #[test]

@@ -99,6 +99,7 @@ pub struct HubOptions {
     sync_interval_secs: u64,
     env: Vec<(String, String)>,
     env_remove: Vec<String>,
+    args: Vec<String>,
     ready_within: Duration,
 }
 
@@ -113,6 +114,7 @@ impl HubOptions {
             sync_interval_secs: 2,
             env: Vec::new(),
             env_remove: Vec::new(),
+            args: Vec::new(),
             ready_within: WAIT,
         }
     }
@@ -144,6 +146,12 @@ impl HubOptions {
     /// Removes an inherited environment variable for the hub.
     pub fn env_remove(mut self, key: &str) -> Self {
         self.env_remove.push(key.to_owned());
+        self
+    }
+
+    /// Adds an extra `hubmesh run` argument (after the contract's flags).
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.args.push(arg.to_owned());
         self
     }
 
@@ -182,6 +190,7 @@ impl HubOptions {
         for b in &self.bootstrap {
             cmd.args(["--bootstrap", b]);
         }
+        cmd.args(&self.args);
         let mut child = KillOnDrop(cmd.spawn().context("spawning hubmesh run")?);
         let lines = StdoutLines::of(&mut child)?;
         let Some(line) = lines.next_before(Instant::now() + self.ready_within) else {

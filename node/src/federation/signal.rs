@@ -78,35 +78,109 @@ impl Default for SignalConfig {
     }
 }
 
-/// `[signal]` table of the config file; every field optional.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// The signaling settings as given: the `[signal]` table of the config file,
+/// and the same settings as `hubmesh run` flags `--signal-*`, each also read
+/// from its `HUBMESH_SIGNAL_*` variable. Every field is optional; the config
+/// merges flag > env (both parsed by clap into one value) > file > default
+/// with [`FileSignal::or`], then checks the result with [`FileSignal::resolve`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
+#[command(next_help_heading = "Signaling (/ws/signal; file table [signal])")]
 pub struct FileSignal {
-    /// Presence TTL, seconds (3..=600). Default 30.
+    /// Presence record lifetime, seconds (3..=600); rewritten every third of it. Default 30.
+    #[arg(
+        long = "signal-presence-ttl-secs",
+        env = "HUBMESH_SIGNAL_PRESENCE_TTL_SECS",
+        value_name = "SECS"
+    )]
     pub presence_ttl_secs: Option<u64>,
-    /// Most WebSocket sessions. Default 50000.
+    /// Most /ws/signal sessions on this hub (> 0). Default 50000.
+    #[arg(
+        long = "signal-max-sessions",
+        env = "HUBMESH_SIGNAL_MAX_SESSIONS",
+        value_name = "N"
+    )]
     pub max_sessions: Option<usize>,
     /// Largest client text frame, bytes (1024..=49152). Default 16384.
+    #[arg(
+        long = "signal-max-message-bytes",
+        env = "HUBMESH_SIGNAL_MAX_MESSAGE_BYTES",
+        value_name = "BYTES"
+    )]
     pub max_message_bytes: Option<usize>,
-    /// Frames per second per connection, 0 = unlimited. Default 50.
+    /// Frames per second per connection (burst twice that), 0 = unlimited. Default 50.
+    #[arg(
+        long = "signal-frames-per-second",
+        env = "HUBMESH_SIGNAL_FRAMES_PER_SECOND",
+        value_name = "N"
+    )]
     pub frames_per_second: Option<u32>,
-    /// Outbound queue per socket, frames (1..=4096). Default 64.
+    /// Frames queued per socket before a slow reader is closed (4008), 1..=4096. Default 64.
+    #[arg(
+        long = "signal-outbound-queue",
+        env = "HUBMESH_SIGNAL_OUTBOUND_QUEUE",
+        value_name = "FRAMES"
+    )]
     pub outbound_queue: Option<usize>,
-    /// Keep-alive ping period, seconds. Default 20.
+    /// Keep-alive ping period, seconds (> 0). Default 20.
+    #[arg(
+        long = "signal-ping-interval-secs",
+        env = "HUBMESH_SIGNAL_PING_INTERVAL_SECS",
+        value_name = "SECS"
+    )]
     pub ping_interval_secs: Option<u64>,
-    /// Keep-alive timeout, seconds (> ping interval). Default 60.
+    /// Keep-alive timeout, seconds (> ping interval): close 4000 without a client frame. Default 60.
+    #[arg(
+        long = "signal-ping-timeout-secs",
+        env = "HUBMESH_SIGNAL_PING_TIMEOUT_SECS",
+        value_name = "SECS"
+    )]
     pub ping_timeout_secs: Option<u64>,
-    /// Node registrations per minute per client IP. Default 10.
+    /// Node registrations (POST /register-node-id) per minute per client IP (> 0). Default 10.
+    #[arg(
+        long = "signal-register-per-minute",
+        env = "HUBMESH_SIGNAL_REGISTER_PER_MINUTE",
+        value_name = "N"
+    )]
     pub register_per_minute: Option<u32>,
-    /// Profile updates per minute per client IP. Default 20.
+    /// Profile updates (PUT/DELETE /profile) per minute per client IP (> 0). Default 20.
+    #[arg(
+        long = "signal-profile-per-minute",
+        env = "HUBMESH_SIGNAL_PROFILE_PER_MINUTE",
+        value_name = "N"
+    )]
     pub profile_per_minute: Option<u32>,
 }
 
+/// An out-of-range signal setting, named in all three spellings.
+fn bad_setting(key: &str, rule: &str, got: impl std::fmt::Display) -> crate::error::NodeError {
+    let flag = key.replace('_', "-");
+    let env = key.to_ascii_uppercase();
+    crate::error::NodeError::Config(format!(
+        "signal.{key} (--signal-{flag}, HUBMESH_SIGNAL_{env}) must be {rule}, got {got}"
+    ))
+}
+
 impl FileSignal {
-    /// The resolved settings, checked.
+    /// Each setting of `self`, else of `lower` (`flags_and_env.or(file)`).
+    pub fn or(self, lower: FileSignal) -> FileSignal {
+        FileSignal {
+            presence_ttl_secs: self.presence_ttl_secs.or(lower.presence_ttl_secs),
+            max_sessions: self.max_sessions.or(lower.max_sessions),
+            max_message_bytes: self.max_message_bytes.or(lower.max_message_bytes),
+            frames_per_second: self.frames_per_second.or(lower.frames_per_second),
+            outbound_queue: self.outbound_queue.or(lower.outbound_queue),
+            ping_interval_secs: self.ping_interval_secs.or(lower.ping_interval_secs),
+            ping_timeout_secs: self.ping_timeout_secs.or(lower.ping_timeout_secs),
+            register_per_minute: self.register_per_minute.or(lower.register_per_minute),
+            profile_per_minute: self.profile_per_minute.or(lower.profile_per_minute),
+        }
+    }
+
+    /// The resolved settings (defaults for unset ones), checked; an error
+    /// names the setting as file key, flag and env variable.
     pub fn resolve(self) -> Result<SignalConfig, crate::error::NodeError> {
         let d = SignalConfig::default();
-        let bad = |m: &str| Err(crate::error::NodeError::Config(format!("signal.{m}")));
         let c = SignalConfig {
             presence_ttl: self
                 .presence_ttl_secs
@@ -127,20 +201,38 @@ impl FileSignal {
             register_per_minute: self.register_per_minute.unwrap_or(d.register_per_minute),
             profile_per_minute: self.profile_per_minute.unwrap_or(d.profile_per_minute),
         };
-        if !(3..=600).contains(&c.presence_ttl.as_secs()) {
-            return bad("presence_ttl_secs must be 3..=600");
+        let ttl = c.presence_ttl.as_secs();
+        if !(3..=600).contains(&ttl) {
+            return Err(bad_setting("presence_ttl_secs", "3..=600", ttl));
+        }
+        if c.max_sessions == 0 {
+            return Err(bad_setting("max_sessions", "> 0", 0));
         }
         if !(1024..=48 * 1024).contains(&c.max_message_bytes) {
-            return bad("max_message_bytes must be 1024..=49152");
+            return Err(bad_setting(
+                "max_message_bytes",
+                "1024..=49152",
+                c.max_message_bytes,
+            ));
         }
-        if !(1..=4096).contains(&c.outbound_queue) || c.max_sessions == 0 {
-            return bad("outbound_queue must be 1..=4096 and max_sessions > 0");
+        if !(1..=4096).contains(&c.outbound_queue) {
+            return Err(bad_setting("outbound_queue", "1..=4096", c.outbound_queue));
         }
-        if c.ping_interval.is_zero() || c.ping_timeout <= c.ping_interval {
-            return bad("need 0 < ping_interval_secs < ping_timeout_secs");
+        if c.ping_interval.is_zero() {
+            return Err(bad_setting("ping_interval_secs", "> 0", 0));
         }
-        if c.register_per_minute == 0 || c.profile_per_minute == 0 {
-            return bad("register_per_minute and profile_per_minute must be > 0");
+        if c.ping_timeout <= c.ping_interval {
+            return Err(bad_setting(
+                "ping_timeout_secs",
+                &format!("> ping_interval_secs ({})", c.ping_interval.as_secs()),
+                c.ping_timeout.as_secs(),
+            ));
+        }
+        if c.register_per_minute == 0 {
+            return Err(bad_setting("register_per_minute", "> 0", 0));
+        }
+        if c.profile_per_minute == 0 {
+            return Err(bad_setting("profile_per_minute", "> 0", 0));
         }
         Ok(c)
     }
