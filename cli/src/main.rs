@@ -227,6 +227,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     hubmesh_testnet::exit_with_parent()?;
     let config = Config::load(&args)?;
     hubmesh_node::init_tracing(config.log_format);
+    // The handlers exist before the ready line: a SIGTERM or SIGINT sent as
+    // soon as a script sees the line stops the hub gracefully, never by the
+    // signal's default action.
+    #[cfg(unix)]
+    let (mut term, mut int) = {
+        use tokio::signal::unix::{SignalKind, signal};
+        (
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        )
+    };
     let hub = Hub::spawn(config).await?;
     {
         let mut out = std::io::stdout().lock();
@@ -235,14 +246,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let cancel = hub.cancel_token();
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("installing the SIGTERM handler")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => { r.context("waiting for SIGINT")?; tracing::info!("SIGINT: shutting down"); }
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            () = cancel.cancelled() => {}
-        }
+    tokio::select! {
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        () = cancel.cancelled() => {}
     }
     #[cfg(not(unix))]
     tokio::select! {

@@ -1,8 +1,8 @@
 //! The hub: [`Hub::spawn`] opens the store, starts the mesh, binds the facade
 //! and starts the background tasks, all under one cancellation token and one
 //! task tracker; [`Hub::shutdown`] / [`Hub::join`] tear down in order: stop
-//! accepting → drain in-flight requests (grace period) → (close WebSockets,
-//! none yet) → stop the mesh → stop the background tasks → flush the store.
+//! accepting → drain in-flight requests (grace period) → close WebSockets
+//! (1001) → stop the mesh → stop the background tasks → flush the store.
 //! The event task turns what the mesh reports into local state.
 
 use std::sync::Arc;
