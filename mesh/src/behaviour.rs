@@ -91,6 +91,9 @@ fn gossip_config(names: &Names) -> Result<gossipsub::Config, MeshError> {
         .map_err(|e| MeshError::Config(format!("gossipsub: {e}")))
 }
 
+/// Kademlia's replication factor: how many hubs hold each DHT record.
+pub(crate) const DHT_REPLICATION: usize = 4;
+
 fn kad_config(names: &Names) -> kad::Config {
     let mut cfg = kad::Config::new(names.kad.clone());
     cfg.set_record_filtering(kad::StoreInserts::FilterBoth)
@@ -105,7 +108,7 @@ fn kad_config(names: &Names) -> kad::Config {
         // Gossip and anti-entropy already give every hub every record; the
         // DHT copy serves lookups by hubs that missed both, so a few replicas
         // suffice and each write costs only a handful of extra puts.
-        .set_replication_factor(NonZeroUsize::new(4).expect("4 > 0"))
+        .set_replication_factor(NonZeroUsize::new(DHT_REPLICATION).expect("DHT_REPLICATION > 0"))
         .set_caching(kad::Caching::Disabled);
     cfg
 }

@@ -334,3 +334,53 @@ async fn dht_lookup_finds_a_record_never_gossiped_here() {
         h.mesh.shutdown().await;
     }
 }
+
+/// A DHT put reaches the replication factor's worth of hubs both when the
+/// routing table is small (the origin puts to every hub it knows, no query)
+/// and when it is larger (a closest-peers query picks the holders).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dht_put_reaches_replicas_in_small_and_large_federations() {
+    init_tracing();
+    const REPLICATION: usize = 4; // specs/mesh.md: replication factor 4
+    for total in [3usize, 7] {
+        let dirs: Vec<_> = (0..total).map(|_| tempfile::tempdir().unwrap()).collect();
+        let quiet = |c: &mut hubmesh_mesh::MeshConfig| c.sync_interval = Duration::from_secs(3600);
+        let mut hubs = vec![start_hub_with(dirs[0].path(), false, vec![], quiet).await];
+        for d in &dirs[1..] {
+            let boot = vec![hubs[0].addr.clone()];
+            hubs.push(start_hub_with(d.path(), false, boot, quiet).await);
+        }
+        wait_connected(&[&hubs[0]], total - 1).await;
+        let origin = &hubs[0];
+        let key = format!("dht-only/{total}");
+        let rec = origin
+            .store
+            .originate(
+                vec![draft(&key, b"dht")],
+                &HubSigner(origin.mesh.keypair().clone()),
+            )
+            .await
+            .unwrap();
+        origin.mesh.publish_via(rec, false, true).await.unwrap();
+        let want = REPLICATION.min(total - 1);
+        let stores: Vec<_> = hubs[1..].iter().map(|h| h.store.clone()).collect();
+        eventually(
+            Duration::from_secs(10),
+            &format!("{want} replicas of the DHT put among {total} hubs"),
+            || {
+                let (stores, key) = (stores.clone(), key.clone());
+                async move {
+                    stores
+                        .iter()
+                        .filter(|s| s.get("server", &key).unwrap().is_some())
+                        .count()
+                        >= want
+                }
+            },
+        )
+        .await;
+        for h in &hubs {
+            h.mesh.shutdown().await;
+        }
+    }
+}
