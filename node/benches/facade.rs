@@ -16,6 +16,11 @@
 
 #![allow(clippy::unwrap_used, clippy::field_reassign_with_default)] // a benchmark binary
 
+/// The allocator the `hubmesh` binary ships with, so the hub measured here
+/// allocates as a deployed one does.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -394,6 +399,9 @@ fn main() {
         let per_run = 150_000usize;
         let body_dir = tempfile::tempdir().unwrap();
         let (mut hub_regs, mut base_regs, mut hub_looks, mut base_looks) = (vec![], vec![], vec![], vec![]);
+        // Store flushes per second at hub 1 during each register run (context:
+        // each flush is one group commit shared by the registers waiting on it).
+        let mut reg_flushes = vec![];
         // Lookups first (an idle mesh), then registers; after each register
         // run, wait until hub 2 holds what hub 1 holds so the replication
         // backlog of one run does not eat the CPU of the next.
@@ -423,7 +431,10 @@ fn main() {
                     let file = body_dir.path().join(format!("bodies-{run}.txt"));
                     std::fs::write(&file, bodies.join("\n")).unwrap();
                     base_regs.push(wrk(&base_reg_url, secs, Some(&file), None).await);
-                    hub_regs.push(wrk(&reg_url, secs, Some(&file), None).await);
+                    let (f0, t0) = (h1.state().store.flush_count(), Instant::now());
+                    let rate = wrk(&reg_url, secs, Some(&file), None).await;
+                    reg_flushes.push((h1.state().store.flush_count() - f0) as f64 / t0.elapsed().as_secs_f64());
+                    hub_regs.push(rate);
                 }
                 LoadGen::Reqwest => {
                     let b = bodies.clone();
@@ -457,6 +468,10 @@ fn main() {
             "register: hub {hub_reg:.0} req/s, minimal axum {base_reg:.0} req/s, ratio {:.2}",
             hub_reg / base_reg
         );
+        if !reg_flushes.is_empty() {
+            let flushes = median(reg_flushes);
+            println!("  store flushes at hub 1 during register: {flushes:.0}/s, {:.1} registers per flush", hub_reg / flushes);
+        }
         println!(
             "lookup:   hub {hub_look:.0} req/s, minimal axum {base_look:.0} req/s, ratio {:.2}",
             hub_look / base_look

@@ -23,6 +23,11 @@
     clippy::field_reassign_with_default
 )] // benchmark driver
 
+/// The allocator the `hubmesh` binary ships with, so the hub measured here
+/// allocates as a deployed one does.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
