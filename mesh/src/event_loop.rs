@@ -129,7 +129,13 @@ struct Conn {
     id: ConnectionId,
     remote: Multiaddr,
     dialer_is_me: bool,
+    established: Instant,
 }
+
+/// Two connections to one peer established within this time of each other
+/// are a simultaneous dial (both sides dialled before either saw the other's
+/// connection); a later second connection means the peer lost the first.
+const SIMULTANEOUS_DIAL_WINDOW: Duration = Duration::from_secs(3);
 
 /// A DHT lookup awaiting its result: namespace, key and the caller's reply.
 type PendingLookup = (
@@ -652,6 +658,7 @@ impl EventLoop {
                     id: connection_id,
                     remote,
                     dialer_is_me,
+                    established: Instant::now(),
                 });
                 if let Some(reply) = self.pending_dials.remove(&connection_id) {
                     let _ = reply.send(Ok(()));
@@ -705,46 +712,62 @@ impl EventLoop {
         }
     }
 
-    /// Two connections to one peer (a simultaneous dial): both ends keep the
-    /// one dialled by the smaller PeerId and close the other, so they agree.
+    /// Two connections to one peer: close all but one, chosen so that both
+    /// ends keep the same one.
+    ///
+    /// - A peer dials us only while it holds no connection to us (every dial
+    ///   by peer id is conditioned on that). So an inbound connection that
+    ///   arrives when every other connection to the peer is older than
+    ///   [`SIMULTANEOUS_DIAL_WINDOW`] means the peer lost those: it restarted
+    ///   (its old connection is dead but not yet timed out here) or its side
+    ///   timed out first. Keep the new one; the peer holds only that one.
+    /// - Otherwise it is a simultaneous dial: keep the connections dialled by
+    ///   the smaller PeerId (both ends agree on them), the first of them, so
+    ///   a redundant second dial never breaks streams already open on the
+    ///   first. Two inbound connections from different source addresses are
+    ///   again a restarted peer: keep the newest then.
     fn dedupe_connections(&mut self, peer: PeerId) {
         let Some(conns) = self.conns.get(&peer) else {
             return;
         };
-        if conns.len() < 2 {
-            return;
-        }
-        // Candidates: the connections dialled by the smaller PeerId (both
-        // ends agree on them); keep the first, so a redundant second dial
-        // never breaks streams already open on the first. One exception: two
-        // inbound connections from different source addresses mean the peer
-        // restarted on a new socket, and the older one is dead but not yet
-        // timed out here; keep the newest then. (The restarted peer holds
-        // only the new connection, so the ends still agree.)
-        let want_mine = self.local < peer;
-        let mut pool: Vec<&Conn> = conns
-            .iter()
-            .filter(|c| c.dialer_is_me == want_mine)
-            .collect();
-        if pool.is_empty() {
-            pool = conns.iter().collect();
-        }
-        let Some(first) = pool.first().copied() else {
+        let Some((newest, older)) = conns.split_last() else {
             return;
         };
-        let keep = if first.dialer_is_me {
-            first.id
+        if older.is_empty() {
+            return;
+        }
+        let keep = if !newest.dialer_is_me
+            && older
+                .iter()
+                .all(|c| c.established.elapsed() > SIMULTANEOUS_DIAL_WINDOW)
+        {
+            tracing::debug!(%peer, "peer reconnected while an old connection looked open; keeping the new one");
+            newest.id
         } else {
-            pool.iter()
-                .rev()
-                .find(|c| c.remote != first.remote)
-                .unwrap_or(&first)
-                .id
+            let want_mine = self.local < peer;
+            let mut pool: Vec<&Conn> = conns
+                .iter()
+                .filter(|c| c.dialer_is_me == want_mine)
+                .collect();
+            if pool.is_empty() {
+                pool = conns.iter().collect();
+            }
+            let Some(first) = pool.first().copied() else {
+                return;
+            };
+            if first.dialer_is_me {
+                first.id
+            } else {
+                pool.iter()
+                    .rev()
+                    .find(|c| c.remote != first.remote)
+                    .unwrap_or(&first)
+                    .id
+            }
         };
-        let keep = Some(keep);
         let close: Vec<ConnectionId> = conns
             .iter()
-            .filter(|c| Some(c.id) != keep)
+            .filter(|c| c.id != keep)
             .map(|c| c.id)
             .collect();
         for id in close {
