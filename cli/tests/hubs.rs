@@ -273,6 +273,59 @@ async fn kill9_right_after_register_keeps_it_and_the_mesh_agrees() -> Result<()>
     Ok(())
 }
 
+/// A hub killed with -9 and restarted on the same mesh address is back in
+/// the mesh at once. Its peer still holds the dead connection (QUIC idle
+/// timeout: 10 s) and must prefer the restarted hub's new one; before that
+/// rule, writes at the restarted hub reached the peer only after ~10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_restart_on_the_same_address_rejoins_before_the_idle_timeout() -> Result<()> {
+    let (d1, d2) = (tmp(), tmp());
+    let h2 = hub("off").sync_interval_secs(3600).start(d2.path())?;
+    let mut h1 = hub("off")
+        .sync_interval_secs(3600)
+        .bootstrap(&h2.mesh)
+        .start(d1.path())?;
+    let token = register(&h1, "acme-corp", ACME, S1).await?;
+    wait_for(&h2, "acme-corp", &token, "S1 at hub 2", |ids| {
+        ids == [S1.to_string()]
+    })
+    .await?;
+    let (addr, _) = h1
+        .mesh
+        .rsplit_once("/p2p/")
+        .context("mesh address without /p2p/")?;
+    let addr = addr.to_owned();
+    h1.child.kill()?;
+    h1.child.wait()?;
+    drop(h1);
+    let h1 = hub("off")
+        .sync_interval_secs(3600)
+        .mesh(&addr)
+        .bootstrap(&h2.mesh)
+        .start(d1.path())?;
+    let restarted = std::time::Instant::now();
+    register(&h1, "acme-corp", ACME, S2).await?;
+    poll(
+        "S2, written at the restarted hub, at hub 2",
+        Duration::from_secs(6),
+        Duration::from_millis(50),
+        || async {
+            let (status, v) = lookup(&h2, "acme-corp", &token).await?;
+            Ok(if status == 200 && ids(&v).contains(&S2.to_string()) {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(format!("{status} {v}"))
+            })
+        },
+    )
+    .await?;
+    eprintln!(
+        "rejoined and replicated {:?} after the restart",
+        restarted.elapsed()
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_errors_rate_limit_and_sigterm() -> Result<()> {
     let d = tmp();

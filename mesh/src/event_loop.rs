@@ -132,9 +132,9 @@ struct Conn {
     established: Instant,
 }
 
-/// Two connections to one peer established within this time of each other
-/// are a simultaneous dial (both sides dialled before either saw the other's
-/// connection); a later second connection means the peer lost the first.
+/// An inbound connection from a peer arriving within this time of our own
+/// dial to it may be a simultaneous dial (both sides dialled before either
+/// saw the other's connection); later, it means the peer lost our connection.
 const SIMULTANEOUS_DIAL_WINDOW: Duration = Duration::from_secs(3);
 
 /// A DHT lookup awaiting its result: namespace, key and the caller's reply.
@@ -715,12 +715,13 @@ impl EventLoop {
     /// Two connections to one peer: close all but one, chosen so that both
     /// ends keep the same one.
     ///
-    /// - A peer dials us only while it holds no connection to us (every dial
-    ///   by peer id is conditioned on that). So an inbound connection that
-    ///   arrives when every other connection to the peer is older than
-    ///   [`SIMULTANEOUS_DIAL_WINDOW`] means the peer lost those: it restarted
-    ///   (its old connection is dead but not yet timed out here) or its side
-    ///   timed out first. Keep the new one; the peer holds only that one.
+    /// - A peer dials us only while it holds no connection to us and dials
+    ///   none (every dial by peer id is conditioned on that). So a new inbound
+    ///   connection means the peer lost the others, unless one of them is our
+    ///   own dial made within [`SIMULTANEOUS_DIAL_WINDOW`] (both sides dialled
+    ///   at once). The peer restarted (its old connection is dead but not yet
+    ///   timed out here) or its side timed out first: keep the new one, which
+    ///   is the only one the peer holds.
     /// - Otherwise it is a simultaneous dial: keep the connections dialled by
     ///   the smaller PeerId (both ends agree on them), the first of them, so
     ///   a redundant second dial never breaks streams already open on the
@@ -739,7 +740,7 @@ impl EventLoop {
         let keep = if !newest.dialer_is_me
             && older
                 .iter()
-                .all(|c| c.established.elapsed() > SIMULTANEOUS_DIAL_WINDOW)
+                .all(|c| !c.dialer_is_me || c.established.elapsed() > SIMULTANEOUS_DIAL_WINDOW)
         {
             tracing::debug!(%peer, "peer reconnected while an old connection looked open; keeping the new one");
             newest.id

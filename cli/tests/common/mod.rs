@@ -89,11 +89,12 @@ pub struct HubProc {
 }
 
 /// How to start a hub: the flags and environment that differ between tests.
-/// Always `--http 127.0.0.1:0 --mesh /ip4/127.0.0.1/udp/0/quic-v1` and
+/// `--http 127.0.0.1:0`, `--mesh /ip4/127.0.0.1/udp/0/quic-v1` unless set, and
 /// `RUST_LOG=warn`, stdout piped (for the ready line), stderr inherited.
 #[derive(Debug, Clone)]
 pub struct HubOptions {
     federation: String,
+    mesh: String,
     bootstrap: Vec<String>,
     rate_limits: String,
     sync_interval_secs: u64,
@@ -109,6 +110,7 @@ impl HubOptions {
     pub fn new(federation: &str) -> Self {
         Self {
             federation: federation.to_owned(),
+            mesh: "/ip4/127.0.0.1/udp/0/quic-v1".to_owned(),
             bootstrap: Vec::new(),
             rate_limits: "off".to_owned(),
             sync_interval_secs: 2,
@@ -117,6 +119,12 @@ impl HubOptions {
             args: Vec::new(),
             ready_within: WAIT,
         }
+    }
+
+    /// The `--mesh` listen address (default `/ip4/127.0.0.1/udp/0/quic-v1`).
+    pub fn mesh(mut self, addr: &str) -> Self {
+        addr.clone_into(&mut self.mesh);
+        self
     }
 
     /// Adds a `--bootstrap ADDR`.
@@ -166,12 +174,7 @@ impl HubOptions {
         let mut cmd = Command::new(BIN);
         cmd.args(["run", "--data-dir"])
             .arg(dir)
-            .args([
-                "--http",
-                "127.0.0.1:0",
-                "--mesh",
-                "/ip4/127.0.0.1/udp/0/quic-v1",
-            ])
+            .args(["--http", "127.0.0.1:0", "--mesh", &self.mesh])
             .args(["--federation", &self.federation])
             .env("HUBMESH_RATE_LIMITS", &self.rate_limits)
             .env(
