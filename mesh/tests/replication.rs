@@ -290,12 +290,21 @@ async fn dht_lookup_finds_a_record_never_gossiped_here() {
     let slow = |c: &mut hubmesh_mesh::MeshConfig| c.sync_interval = Duration::from_secs(3600);
     let c = start_hub_with(dirs[2].path(), false, vec![], slow).await;
     let a = start_hub_with(dirs[0].path(), false, vec![c.addr.clone()], slow).await;
-    let b = start_hub_with(dirs[1].path(), false, vec![c.addr.clone()], slow).await;
+    let mut b = start_hub_with(dirs[1].path(), false, vec![c.addr.clone()], slow).await;
     // A and B never talk: B only learns A's record from the DHT.
     a.mesh.set_blocked([b.id()].into()).await.unwrap();
     b.mesh.set_blocked([a.id()].into()).await.unwrap();
     wait_connected(&[&a, &b], 1).await;
     wait_connected(&[&c], 2).await;
+    // B's sync round on connecting to C must be over before the put reaches
+    // C, or B may pull the record from C by anti-entropy instead of the DHT.
+    let c_id = c.id();
+    wait_event(
+        &mut b.events,
+        Duration::from_secs(10),
+        |e| matches!(e, MeshEvent::SyncFinished { peer, .. } if *peer == c_id),
+    )
+    .await;
 
     // Originate at A without gossip: stored, then put into the DHT only.
     let rec = a
