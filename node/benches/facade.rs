@@ -3,7 +3,9 @@
 //! - cluster lookup req/s with 64 concurrent clients,
 //!   each also as a ratio to a minimal axum handler returning the same JSON,
 //!   measured in the same run with the same client;
-//! - register at hub 1 → visible in lookup at hub 2: p50 / p99.
+//! - register at hub 1 → visible in lookup at hub 2: p50 / p99;
+//! - context: store flushes per second during the register load, and register
+//!   req/s at a hub with no peer (the local path without replication).
 //!
 //! The load generator is `wrk` (a separate C process: 2 threads, 64 connections,
 //! bodies from a Lua script) when it is on `PATH` (`apt-get install wrk`), else
@@ -260,6 +262,12 @@ fn main() {
         let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let h1 = Hub::spawn(config(d1.path(), None)).await.unwrap();
         let h2 = Hub::spawn(config(d2.path(), Some(h1.dial_addr()))).await.unwrap();
+        // Context for the register figure: a hub with no peer (nothing to
+        // replicate), so the split between the local path (HTTP, store,
+        // flush) and replication shows. Idle during the other phases.
+        let d3 = tempfile::tempdir().unwrap();
+        let h3 = Hub::spawn(config(d3.path(), None)).await.unwrap();
+        let u3 = format!("http://{}", h3.http_addr());
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(CLIENTS)
             .timeout(Duration::from_secs(10))
@@ -402,6 +410,7 @@ fn main() {
         // Store flushes per second at hub 1 during each register run (context:
         // each flush is one group commit shared by the registers waiting on it).
         let mut reg_flushes = vec![];
+        let mut lone_regs = vec![];
         // Lookups first (an idle mesh), then registers; after each register
         // run, wait until hub 2 holds what hub 1 holds so the replication
         // backlog of one run does not eat the CPU of the next.
@@ -435,6 +444,7 @@ fn main() {
                     let rate = wrk(&reg_url, secs, Some(&file), None).await;
                     reg_flushes.push((h1.state().store.flush_count() - f0) as f64 / t0.elapsed().as_secs_f64());
                     hub_regs.push(rate);
+                    lone_regs.push(wrk(&format!("{u3}/api/v1/servers/register"), secs, Some(&file), None).await);
                 }
                 LoadGen::Reqwest => {
                     let b = bodies.clone();
@@ -472,6 +482,9 @@ fn main() {
             let flushes = median(reg_flushes);
             println!("  store flushes at hub 1 during register: {flushes:.0}/s, {:.1} registers per flush", hub_reg / flushes);
         }
+        if !lone_regs.is_empty() {
+            println!("  register at a hub with no peer (no replication; context): {:.0} req/s", median(lone_regs));
+        }
         println!(
             "lookup:   hub {hub_look:.0} req/s, minimal axum {base_look:.0} req/s, ratio {:.2}",
             hub_look / base_look
@@ -483,6 +496,7 @@ fn main() {
             pct(&lat, 0.99).as_secs_f64() * 1e3,
             lat.last().unwrap().as_secs_f64() * 1e3,
         );
+        h3.shutdown().await;
         h2.shutdown().await;
         h1.shutdown().await;
     });
