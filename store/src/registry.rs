@@ -303,8 +303,11 @@ impl Store {
     }
 
     /// Merges records from anywhere (gossip, DHT, sync, local) by
-    /// last-writer-wins on `(version, origin)`. The batch is applied atomically
-    /// and visible on return; wait on `report.ticket` for durability.
+    /// last-writer-wins on `(version, origin)`. The batch is applied under
+    /// the writer lock and visible on return; wait on `report.ticket` for
+    /// durability. A crash before that may keep any prefix of it: records are
+    /// written first and watermarks last, so a watermark never claims a
+    /// record the store lost.
     /// Signatures are *not* checked here: the mesh checks them first.
     pub fn merge(&self, records: Vec<Record>) -> Result<MergeReport> {
         let now = self.inner.clock.now_ms();
@@ -788,7 +791,8 @@ fn tick(last: Version, now: u64) -> Version {
     }
 }
 
-/// Accumulates one atomic batch while the writer lock is held. The index is
+/// Accumulates one batch while the writer lock is held, in the order a crash
+/// may cut it (sequence reservations, then records, then watermarks). The index is
 /// updated as records are merged, so later records of the same batch see
 /// earlier ones.
 #[derive(Default)]
