@@ -166,19 +166,55 @@ fn config(dir: &std::path::Path, bootstrap: Option<String>) -> Config {
     c
 }
 
-fn register_body(i: usize) -> String {
-    let id = format!("00000000-0000-4000-8000-{i:012x}");
+fn server_id(i: usize) -> String {
+    format!("00000000-0000-4000-8000-{i:012x}")
+}
+
+/// A signed register body for server `i` of `cluster` (fresh timestamp).
+fn register_body_in(cluster: &str, secret: &[u8], i: usize) -> String {
+    let id = server_id(i);
     let key = base64::engine::general_purpose::STANDARD.encode([5u8; 32]);
     let url = format!("https://s{i}.example:9090");
     let ts = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
     json!({
-        "serverId": id, "clusterId": "bench", "publicUrl": url, "version": "1.0.0",
+        "serverId": id, "clusterId": cluster, "publicUrl": url, "version": "1.0.0",
         "publicKey": key, "timestamp": ts,
-        "clusterSecretHmac": sign_registration(SECRET.as_bytes(), &hmac_message(&id, "bench", &url, &key, &ts)),
+        "clusterSecretHmac": sign_registration(secret, &hmac_message(&id, cluster, &url, &key, &ts)),
     })
     .to_string()
+}
+
+/// A register body for server `i` of the `bench` cluster.
+fn register_body(i: usize) -> String {
+    register_body_in("bench", SECRET.as_bytes(), i)
+}
+
+/// POSTs a register body to `hub` (a base URL); returns the JSON answer.
+async fn post_register(client: &reqwest::Client, hub: &str, body: String) -> Value {
+    let r = client
+        .post(format!("{hub}/api/v1/servers/register"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "register: {}", r.status());
+    r.json().await.unwrap()
+}
+
+/// GETs `url` with a bearer token; returns the JSON answer.
+async fn get_json(client: &reqwest::Client, url: &str, token: &str) -> Value {
+    client
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
 }
 
 /// Runs `CLIENTS` loops for `secs`, each sending `make(n)`; returns completed req/s.
@@ -286,37 +322,11 @@ fn main() {
         // Seed: a token and a cluster of 10 servers for lookups.
         let mut token = String::new();
         for i in 0..10 {
-            let r: Value = client
-                .post(format!("{u1}/api/v1/servers/register"))
-                .header("content-type", "application/json")
-                .body(register_body(i))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let r = post_register(&client, &u1, register_body(i)).await;
             token = r["token"].as_str().unwrap().to_owned();
         }
-        let reg_sample: Value = client
-            .post(format!("{u1}/api/v1/servers/register"))
-            .header("content-type", "application/json")
-            .body(register_body(10))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let cluster_sample: Value = client
-            .get(format!("{u1}/api/v1/cluster/bench"))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let reg_sample = post_register(&client, &u1, register_body(10)).await;
+        let cluster_sample = get_json(&client, &format!("{u1}/api/v1/cluster/bench"), &token).await;
         assert_eq!(cluster_sample["servers"].as_array().unwrap().len(), 11);
         let base = format!(
             "http://{}",
@@ -332,17 +342,9 @@ fn main() {
                 break;
             }
             let body = register_body(900_000 + i);
-            let id = format!("00000000-0000-4000-8000-{:012x}", 900_000 + i);
+            let id = server_id(900_000 + i);
             let start = Instant::now();
-            let r = client
-                .post(format!("{u1}/api/v1/servers/register"))
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-                .unwrap();
-            assert!(r.status().is_success());
-            let t: Value = r.json().await.unwrap();
+            let t = post_register(&client, &u1, body).await;
             let tok = t["token"].as_str().unwrap().to_owned();
             let deadline = start + Duration::from_secs(10);
             loop {
@@ -356,15 +358,7 @@ fn main() {
                 tokio::task::yield_now().await;
             }
             if i == 0 {
-                let v: Value = client
-                    .get(format!("{u2}/api/v1/cluster/bench"))
-                    .bearer_auth(&tok)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
+                let v = get_json(&client, &format!("{u2}/api/v1/cluster/bench"), &tok).await;
                 assert!(v["servers"].as_array().unwrap().iter().any(|s| s["serverId"] == id));
             }
         }
@@ -377,26 +371,7 @@ fn main() {
         let look_token = {
             let mut t = String::new();
             for i in 0..11 {
-                let id = format!("10000000-0000-4000-8000-{i:012x}");
-                let key = base64::engine::general_purpose::STANDARD.encode([6u8; 32]);
-                let url = format!("https://l{i}.example:9090");
-                let ts = time::OffsetDateTime::now_utc()
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap();
-                let body = json!({
-                    "serverId": id, "clusterId": "lookup", "publicUrl": url, "version": "1.0.0",
-                    "publicKey": key, "timestamp": ts,
-                    "clusterSecretHmac": sign_registration(b"lookup-secret", &hmac_message(&id, "lookup", &url, &key, &ts)),
-                });
-                let r: Value = client
-                    .post(format!("{u1}/api/v1/servers/register"))
-                    .json(&body)
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
+                let r = post_register(&client, &u1, register_body_in("lookup", b"lookup-secret", i)).await;
                 t = r["token"].as_str().unwrap().to_owned();
             }
             t
