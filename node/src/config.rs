@@ -1126,15 +1126,17 @@ mod tests {
         }
     }
 
+    /// `hubmesh run`'s arguments as a command of their own.
+    #[derive(clap::Parser)]
+    struct Run {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
     /// `hubmesh run`'s flags as clap parses them (tests set no `HUBMESH_*`
     /// variable; env values reach the same fields, see the cli process tests).
     fn run_args(argv: &[&str]) -> Result<RunArgs, clap::Error> {
         use clap::Parser;
-        #[derive(Parser)]
-        struct Run {
-            #[command(flatten)]
-            run: RunArgs,
-        }
         Run::try_parse_from(std::iter::once("run").chain(argv.iter().copied())).map(|r| r.run)
     }
 
@@ -1206,11 +1208,6 @@ mod tests {
     #[test]
     fn signal_flags_env_and_file_keys_match() {
         use clap::CommandFactory;
-        #[derive(clap::Parser)]
-        struct Run {
-            #[command(flatten)]
-            run: RunArgs,
-        }
         let cmd = Run::command();
         let mut keys = Vec::new();
         for a in cmd.get_arguments() {
