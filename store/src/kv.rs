@@ -153,9 +153,9 @@ impl Tree {
         match self {
             // One write at a time, in order, not `apply_batch`: sled 0.34's
             // batches take a global write lock and a log manifest each, and
-            // under 64 concurrent writers that made a durable write cost
-            // 11 ms instead of 2 (`HUBMESH_BENCH_ONLY=durable cargo bench -p
-            // hubmesh-store`: 5.5k writes/s with batches, 27k without). sled
+            // under 64 concurrent writers that capped durable writes at
+            // 5.5-6.9k/s, against 17-24k/s one key at a time
+            // (`HUBMESH_BENCH_ONLY=durable cargo bench -p hubmesh-store`). sled
             // recovers a prefix of its log in LSN order, and each write here
             // takes a later LSN than the one before, so a crash keeps a
             // prefix of the batch.
