@@ -11,8 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Path, Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -42,6 +44,8 @@ pub const MAX_VERSION: usize = 64;
 pub const MAX_LISTED: usize = 10_000;
 /// Replay cache entries kept (per hub).
 const REPLAY_CACHE: u64 = 200_000;
+/// Bytes of cluster lookup answers kept (per hub).
+const LOOKUP_CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// `POST /api/v1/servers/register` body.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -207,6 +211,19 @@ pub struct ServerBody {
 pub struct Discovery {
     config: DiscoveryConfig,
     replay: moka::sync::Cache<[u8; 32], ()>,
+    /// Serialized lookup answers by cluster id. An answer is served again
+    /// while the cluster's store change stamp is the one taken before it was
+    /// built and no server in it has gone inactive or expired since, so a
+    /// cached answer is exactly what a fresh read would give.
+    lookups: moka::sync::Cache<String, Arc<CachedLookup>>,
+}
+
+struct CachedLookup {
+    stamp: u64,
+    /// The first instant (ms) at which a listed server goes inactive or its
+    /// record expires.
+    valid_until_ms: u64,
+    json: Bytes,
 }
 
 impl std::fmt::Debug for Discovery {
@@ -226,6 +243,12 @@ impl Discovery {
             replay: moka::sync::Cache::builder()
                 .max_capacity(REPLAY_CACHE)
                 .time_to_live(ttl)
+                .build(),
+            lookups: moka::sync::Cache::builder()
+                .max_capacity(LOOKUP_CACHE_BYTES)
+                .weigher(|k: &String, v: &Arc<CachedLookup>| {
+                    u32::try_from(k.len() + v.json.len()).unwrap_or(u32::MAX)
+                })
                 .build(),
         }
     }
@@ -568,24 +591,65 @@ pub async fn lookup_cluster(
     State(state): State<AppState>,
     Path(cluster_id): Path<String>,
     headers: HeaderMap,
-) -> Result<ApiJson<ClusterResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let claims = server_claims(&state, &headers)?;
     if claims.cid != cluster_id {
         return Err(ApiError::forbidden("the token belongs to another cluster"));
     }
     let now = now_ms();
+    // Taken before the read, so a write landing during it invalidates the answer.
+    let stamp = state.store.change_stamp(NS, &cluster_id);
+    let cache = &state.discovery.lookups;
+    if let Some(hit) = cache.get(&cluster_id)
+        && hit.stamp == stamp
+        && now < hit.valid_until_ms
+    {
+        counter("lookup", "ok");
+        metrics::counter!("hubmesh_discovery_lookup_cache_total", "outcome" => "hit").increment(1);
+        return Ok(json_response(hit.json.clone()));
+    }
     let inactive = state.discovery.config.inactive_after.as_millis() as u64;
+    let mut valid_until_ms = u64::MAX;
     let servers = scan(&state, &format!("{cluster_id}/"), MAX_LISTED)?
         .into_iter()
-        .filter_map(|r| decode_body(&r))
-        .filter(|b| now.saturating_sub(b.last_seen_ms) < inactive)
-        .map(|b| view(&b))
+        .filter_map(|r| {
+            let b = decode_body(&r)?;
+            let inactive_at = b.last_seen_ms.saturating_add(inactive);
+            (now < inactive_at).then(|| {
+                valid_until_ms = valid_until_ms.min(inactive_at).min(r.expires_ms);
+                view(&b)
+            })
+        })
         .collect();
-    counter("lookup", "ok");
-    Ok(ApiJson(ClusterResponse {
+    let json = Bytes::from(
+        serde_json::to_vec(&ClusterResponse {
+            cluster_id: cluster_id.clone(),
+            servers,
+        })
+        .map_err(|e| ApiError::internal(format!("encoding the lookup answer: {e}")))?,
+    );
+    cache.insert(
         cluster_id,
-        servers,
-    }))
+        Arc::new(CachedLookup {
+            stamp,
+            valid_until_ms,
+            json: json.clone(),
+        }),
+    );
+    counter("lookup", "ok");
+    metrics::counter!("hubmesh_discovery_lookup_cache_total", "outcome" => "miss").increment(1);
+    Ok(json_response(json))
+}
+
+fn json_response(json: Bytes) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        json,
+    )
+        .into_response()
 }
 
 fn scan(state: &AppState, prefix: &str, cap: usize) -> Result<Vec<Record>, ApiError> {

@@ -413,3 +413,117 @@ async fn self_signed_tls_serves_https() {
     assert!(dir.path().join("tls/self-signed.pem").exists());
     hub.shutdown().await;
 }
+
+/// A hub for the lookup-cache test: short inactivity, optional bootstrap.
+async fn lookup_hub(dir: &std::path::Path, bootstrap: Option<&Hub>, inactive: Duration) -> Hub {
+    let mut c = Config::default();
+    c.data_dir = dir.to_path_buf();
+    c.http = "127.0.0.1:0".parse().unwrap();
+    c.mesh_listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()];
+    c.rate_limits.discovery_per_minute = 10_000;
+    c.discovery.inactive_after = inactive;
+    c.discovery
+        .cluster_secrets
+        .insert("ACME_CORP".into(), SECRET.into());
+    if let Some(b) = bootstrap {
+        c.bootstrap = vec![b.dial_addr().parse().unwrap()];
+    }
+    tokio::time::timeout(Duration::from_secs(30), Hub::spawn(c))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !ok() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn listed(v: &Value) -> Vec<String> {
+    let mut ids: Vec<String> = v["servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["serverId"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Lookup answers are cached per cluster; a cached answer must never outlive
+/// what it lists: a record merged from another hub, a local delete and a
+/// server going inactive each show in the very next lookup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_lookups_follow_merges_deletes_and_inactivity() {
+    let inactive = Duration::from_secs(4);
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let h1 = lookup_hub(d1.path(), None, inactive).await;
+    let h2 = lookup_hub(d2.path(), Some(&h1), inactive).await;
+    let (a1, a2) = (app(&h1, "127.0.0.1:40001"), app(&h2, "127.0.0.1:40002"));
+    let lookup = |app: Router, token: String| async move {
+        let (s, _, v) = call(&app, with_token("GET", "/api/v1/cluster/acme-corp", &token)).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        listed(&v)
+    };
+    let register = |app: Router, id: &'static str| async move {
+        let body = register_body("acme-corp", SECRET, id, &now_rfc3339(0));
+        let (s, _, v) = call(&app, post_json("/api/v1/servers/register", &body)).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        v["token"].as_str().unwrap().to_owned()
+    };
+    let held_at_h2 = |id: &str| {
+        h2.state()
+            .store
+            .get("server", &format!("acme-corp/{id}"))
+            .unwrap()
+            .is_some()
+    };
+
+    // S1 at hub 1; hub 2 caches an answer listing it once it arrives.
+    let registered_at = std::time::Instant::now();
+    let t1 = register(a1.clone(), S1).await;
+    wait_until("S1 reaches hub 2", || held_at_h2(S1)).await;
+    assert_eq!(lookup(a2.clone(), t1.clone()).await, vec![S1]);
+    assert_eq!(lookup(a2.clone(), t1.clone()).await, vec![S1]);
+    let (_, _, m) = call(&a2, Request::get("/metrics").body(Body::empty()).unwrap()).await;
+    let m = m.as_str().unwrap().to_owned();
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("hubmesh_discovery_lookup_cache_total{outcome=\"hit\"}")),
+        "the second lookup is served from the cache:\n{m}"
+    );
+
+    // S2 at hub 1: once hub 2 merged it, hub 2's next lookup lists it (the
+    // cached answer would still be valid by time for seconds).
+    let t2 = register(a1.clone(), S2).await;
+    wait_until("S2 reaches hub 2", || held_at_h2(S2)).await;
+    assert_eq!(lookup(a2.clone(), t1.clone()).await, vec![S1, S2]);
+
+    // Deleting S2 at hub 2: acknowledged, then gone from its next lookup.
+    let (s, _, v) = call(
+        &a2,
+        with_token("DELETE", &format!("/api/v1/servers/{S2}"), &t2),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(lookup(a2.clone(), t1.clone()).await, vec![S1]);
+
+    // No heartbeat: S1 leaves the answer once inactive, not before, and
+    // not later than a moment after.
+    loop {
+        let ids = lookup(a2.clone(), t1.clone()).await;
+        let elapsed = registered_at.elapsed();
+        if ids.is_empty() {
+            assert!(elapsed >= inactive, "S1 dropped after only {elapsed:?}");
+            break;
+        }
+        assert!(
+            elapsed < inactive + Duration::from_secs(2),
+            "S1 still listed {elapsed:?} after registering"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

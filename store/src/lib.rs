@@ -25,6 +25,7 @@ mod kv;
 mod local;
 mod record;
 mod registry;
+mod stamps;
 
 pub use commit::DurableTicket;
 pub use error::{InvalidRecord, Result, StoreError};

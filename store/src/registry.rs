@@ -26,6 +26,7 @@ use crate::index::{Index, NsKey, ns_key, ns_of, term_key};
 use crate::kv::{Batch, Kv, Tree};
 use crate::local::{LocalTree, SealKey, SealedTree};
 use crate::record::{Draft, OriginId, Record, Signer, Version, check_ns};
+use crate::stamps::ChangeStamps;
 
 const META_FORMAT: &[u8] = b"mformat";
 const META_SEQ: &[u8] = b"mseq";
@@ -175,6 +176,8 @@ struct Inner {
     seal_key: SealKey,
     /// One writer at a time: merge is read-compare-write and must not interleave.
     write: Mutex<WriteState>,
+    /// Bumped after every registry write, per record group.
+    stamps: ChangeStamps,
     // Declared last: dropped after the trees, it flushes what they hold.
     committer: Committer,
 }
@@ -257,6 +260,7 @@ impl Store {
                     own_next: HashMap::new(),
                     own_reserved,
                 }),
+                stamps: ChangeStamps::new(),
                 committer,
             }),
         })
@@ -284,14 +288,18 @@ impl Store {
     /// never describes writes that did not happen.
     fn apply_locked(&self, st: &mut WriteState, w: BatchWriter) -> Result<()> {
         let BatchWriter { batch, new_wms, .. } = w;
+        let changed = self.changed_slots(&batch);
         match self.inner.reg.apply(batch) {
             Ok(()) => {
                 for (o, wm) in new_wms {
                     st.watermarks.insert(o, wm);
                 }
+                self.inner.stamps.bump(changed);
                 Ok(())
             }
             Err(e) => {
+                // Part of the batch may have landed.
+                self.inner.stamps.bump(changed);
                 tracing::error!(error = %e, "registry write failed; rebuilding the index");
                 let (index, hlc) = build_index(&self.inner.reg)?;
                 st.index = index;
@@ -300,6 +308,28 @@ impl Store {
                 Err(e)
             }
         }
+    }
+
+    /// The change-stamp slots of the records a batch writes or removes.
+    fn changed_slots(&self, batch: &Batch) -> Vec<usize> {
+        let mut slots: Vec<usize> = batch
+            .keys()
+            .filter_map(|k| k.strip_prefix(b"r"))
+            .map(|nk| self.inner.stamps.slot_of_ns_key(nk))
+            .collect();
+        slots.sort_unstable();
+        slots.dedup();
+        slots
+    }
+
+    /// A stamp of the records of `ns` whose key's first segment (before the
+    /// first `/`, or the whole key) is `segment`: it changes after every
+    /// write or removal of such a record. Take it *before* reading: if it is
+    /// unchanged later, nothing read has changed since, except by expiry
+    /// (which the reader accounts for from the records' `expires_ms`). It may
+    /// also change when nothing of the group did (groups share counters).
+    pub fn change_stamp(&self, ns: &str, segment: &str) -> u64 {
+        self.inner.stamps.get(ns, segment)
     }
 
     /// Merges records from anywhere (gossip, DHT, sync, local) by
@@ -741,7 +771,10 @@ impl Store {
     pub fn debug_put_raw(&self, ns: &str, key: &str, bytes: Vec<u8>) -> Result<()> {
         let mut b = Batch::default();
         b.insert(rec_key(ns, key), bytes);
-        self.inner.reg.apply(b)
+        let changed = self.changed_slots(&b);
+        let applied = self.inner.reg.apply(b);
+        self.inner.stamps.bump(changed);
+        applied
     }
 }
 

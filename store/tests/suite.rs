@@ -35,6 +35,7 @@ both_backends!(
     oversized_records_are_rejected_and_the_batch_goes_on,
     concurrent_durable_writers_all_complete,
     namespace_counts_count_live_records,
+    change_stamps_move_with_every_write_to_their_group,
 );
 
 async fn originate_then_read_back(h: Harness) {
@@ -529,4 +530,44 @@ fn bad_key_file_is_a_typed_error() {
         hubmesh_store::Store::open(dir.path()),
         Err(StoreError::KeyFile { .. })
     ));
+}
+
+async fn change_stamps_move_with_every_write_to_their_group(h: Harness) {
+    let s = TestSigner(origin(1));
+    let stamp = || h.store.change_stamp("server", "acme");
+    let mut last = stamp();
+    // Originated, merged, deleted, swept: each moves the group's stamp.
+    h.store
+        .originate(vec![draft("server", "acme/1", b"a", T0 + HOUR)], &s)
+        .await
+        .unwrap();
+    assert_ne!(stamp(), last);
+    last = stamp();
+    h.store
+        .merge(vec![rec("server", "acme/2", 2, T0, 1)])
+        .unwrap();
+    assert_ne!(stamp(), last);
+    last = stamp();
+    let mut tomb = draft("server", "acme/1", b"", T0 + 2 * HOUR);
+    tomb.deleted = true;
+    h.store.originate(vec![tomb], &s).await.unwrap();
+    assert_ne!(stamp(), last);
+    last = stamp();
+    // A stale copy changes nothing, so the stamp stays.
+    h.store
+        .merge(vec![rec("server", "acme/2", 1, T0 - 10, 1)])
+        .unwrap();
+    // (Only slots of written keys move; a refused record writes nothing
+    // but its origin's watermark, which is not a record.)
+    assert_eq!(stamp(), last);
+    h.advance(3 * HOUR);
+    assert!(h.store.sweep_expired(100).unwrap() > 0);
+    assert_ne!(stamp(), last);
+    // A key with no `/` is its own group.
+    let before = h.store.change_stamp("profile", "node-1");
+    h.store
+        .originate(vec![draft("profile", "node-1", b"p", T0 + 4 * HOUR)], &s)
+        .await
+        .unwrap();
+    assert_ne!(h.store.change_stamp("profile", "node-1"), before);
 }
