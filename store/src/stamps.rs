@@ -50,6 +50,11 @@ impl ChangeStamps {
         self.slots[self.slot(ns.as_bytes(), segment.as_bytes())].load(Ordering::Acquire)
     }
 
+    /// The current stamp of the group of `ns \0 key`.
+    pub(crate) fn get_for_ns_key(&self, nk: &[u8]) -> u64 {
+        self.slots[self.slot_of_ns_key(nk)].load(Ordering::Acquire)
+    }
+
     /// Marks a write to the groups in `slots` as landed.
     pub(crate) fn bump(&self, slots: impl IntoIterator<Item = usize>) {
         for s in slots {

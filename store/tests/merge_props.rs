@@ -9,7 +9,7 @@ mod common;
 use std::collections::BTreeMap;
 
 use common::*;
-use hubmesh_store::{Record, Store, Version};
+use hubmesh_store::{Clock, Record, Store, StoreConfig, Version};
 use proptest::prelude::*;
 
 const KEYS: [&str; 4] = ["a", "b", "c", "d"];
@@ -97,8 +97,15 @@ proptest! {
         perm_seed in any::<u64>(),
         batch in 1usize..6,
     ) {
-        let one = Harness::new(Backend::Memory);
-        one.store.merge(records.clone()).unwrap();
+        // One store without the record cache, one with it, read between
+        // batches so the cache holds every intermediate state.
+        let one = Store::open_with(StoreConfig {
+            clock: Clock::manual(T0),
+            record_cache_bytes: 0,
+            ..StoreConfig::default()
+        })
+        .unwrap();
+        one.merge(records.clone()).unwrap();
 
         // A permutation with every record repeated, applied in small batches.
         let mut shuffled: Vec<Record> = records.iter().chain(records.iter()).cloned().collect();
@@ -110,8 +117,9 @@ proptest! {
         let two = Harness::new(Backend::Memory);
         for chunk in shuffled.chunks(batch) {
             two.store.merge(chunk.to_vec()).unwrap();
+            let _ = state(&two.store);
         }
-        let s1 = state(&one.store);
+        let s1 = state(&one);
         prop_assert_eq!(&s1, &state(&two.store));
         prop_assert_eq!(s1.0, model(&records));
     }

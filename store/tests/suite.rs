@@ -36,6 +36,7 @@ both_backends!(
     concurrent_durable_writers_all_complete,
     namespace_counts_count_live_records,
     change_stamps_move_with_every_write_to_their_group,
+    cached_point_reads_follow_every_write,
 );
 
 async fn originate_then_read_back(h: Harness) {
@@ -570,4 +571,53 @@ async fn change_stamps_move_with_every_write_to_their_group(h: Harness) {
         .await
         .unwrap();
     assert_ne!(h.store.change_stamp("profile", "node-1"), before);
+}
+
+async fn cached_point_reads_follow_every_write(h: Harness) {
+    let read = || h.store.get("server", "acme/1").unwrap();
+    let a = rec("server", "acme/1", 1, T0, 1);
+    h.store.merge(vec![a.clone()]).unwrap();
+    assert_eq!(read(), Some(a.clone()));
+    assert_eq!(read(), Some(a)); // served again, from the cache
+    // A newer version from another origin replaces it.
+    let b = rec("server", "acme/1", 2, T0 + 10, 1);
+    h.store.merge(vec![b.clone()]).unwrap();
+    assert_eq!(read(), Some(b.clone()));
+    // A write to another key of the group, then a tombstone.
+    h.store
+        .merge(vec![rec("server", "acme/2", 2, T0 + 11, 2)])
+        .unwrap();
+    assert_eq!(read(), Some(b.clone()));
+    let mut tomb = rec("server", "acme/1", 2, T0 + 20, 3);
+    tomb.deleted = true;
+    tomb.body.clear();
+    tomb.expires_ms = b.expires_ms + HOUR;
+    h.store.merge(vec![tomb.clone()]).unwrap();
+    assert_eq!(read(), None);
+    assert_eq!(
+        h.store.get_any("server", "acme/1").unwrap(),
+        Some(tomb.clone())
+    );
+    // Expiry without a write, then the sweep.
+    h.advance(tomb.expires_ms - T0);
+    assert_eq!(h.store.get_any("server", "acme/1").unwrap(), None);
+    assert!(h.store.sweep_expired(100).unwrap() > 0);
+    assert_eq!(h.store.get_any("server", "acme/1").unwrap(), None);
+    // After a reopen the cache starts empty and reads come from the engine.
+    let s = TestSigner(origin(1));
+    let now = h.clock.now_ms();
+    let mine = h
+        .store
+        .originate(vec![draft("server", "acme/3", b"x", now + HOUR)], &s)
+        .await
+        .unwrap();
+    assert_eq!(
+        h.store.get("server", "acme/3").unwrap().as_ref(),
+        mine.first()
+    );
+    let h = h.reopen();
+    assert_eq!(
+        h.store.get("server", "acme/3").unwrap().as_ref(),
+        mine.first()
+    );
 }
