@@ -8,6 +8,8 @@
 //!   and deleted), as a ratio to the live data size.
 //!
 //! `HUBMESH_BENCH_QUICK=1` shrinks every size tenfold (for a smoke run);
+//! `HUBMESH_BENCH_CHURN_ROUNDS=N` runs N churn rounds instead of 10 (the
+//! ratio is printed after each, to show where it settles);
 //! `HUBMESH_BENCH_ONLY=merges,gets,durable,engine,churn` picks scenarios
 //! (`engine` is context: raw sled with no record logic).
 
@@ -193,7 +195,7 @@ fn bench_durable(body_len: usize) -> (f64, f64) {
 
 /// The engine's own ceiling, for context: single inserts of 300-byte values
 /// into raw sled (no record logic), and the latency of one insert + flush.
-fn bench_engine() -> (f64, f64) {
+fn bench_engine() -> (f64, f64, f64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let db = sled::Config::new()
         .path(dir.path())
@@ -212,6 +214,23 @@ fn bench_engine() -> (f64, f64) {
         }
         runs.push(n as f64 / start.elapsed().as_secs_f64());
     }
+    // Space: a fresh database holding 100k 300-byte values written in the
+    // churn scenario's key order, no deletes.
+    let space = {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::Config::new()
+            .path(dir.path())
+            .flush_every_ms(Some(1000))
+            .open()
+            .expect("sled");
+        let live = 100_000 / scale();
+        for i in 0..live {
+            let key = format!("cluster-{:04}/{:016x}", i % 1000, i);
+            db.insert(key.as_bytes(), value.clone()).expect("insert");
+        }
+        db.flush().expect("flush");
+        db.size_on_disk().expect("size") as f64 / (live * value.len()) as f64
+    };
     let t = db.open_tree("flush").expect("tree");
     let mut flushes = Vec::new();
     for i in 0..200u32 {
@@ -220,7 +239,7 @@ fn bench_engine() -> (f64, f64) {
         db.flush().expect("flush");
         flushes.push(start.elapsed().as_secs_f64() * 1000.0);
     }
-    (median(runs), median(flushes))
+    (median(runs), median(flushes), space)
 }
 
 fn bench_churn(body_len: usize) -> (f64, u64, u64) {
@@ -249,7 +268,12 @@ fn bench_churn(body_len: usize) -> (f64, u64, u64) {
         }
     };
     write((0..live).map(|i| draft(i, false)).collect());
-    for round in 1..=10 {
+    let rounds: usize = std::env::var("HUBMESH_BENCH_CHURN_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let mut per_round = Vec::new();
+    for round in 1..=rounds {
         // Insert a fresh live set, delete the previous one.
         write(
             (round * live..(round + 1) * live)
@@ -263,7 +287,16 @@ fn bench_churn(body_len: usize) -> (f64, u64, u64) {
         );
         clock.advance(Duration::from_secs(120));
         while store.sweep_expired(10_000).expect("sweep") > 0 {}
+        per_round.push(store.size_on_disk().expect("size"));
     }
+    println!(
+        "  on-disk MB after each churn round: {}",
+        per_round
+            .iter()
+            .map(|b| (b / 1_000_000).to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     store.flush_now().expect("flush");
     let live_bytes: u64 = store
         .scan_prefix("server", "", None, usize::MAX)
@@ -318,15 +351,16 @@ fn main() {
         println!("  writes per flush (median): {per_flush:.1}");
     }
     if run("engine") {
-        let (inserts, flush_ms) = bench_engine();
+        let (inserts, flush_ms, space) = bench_engine();
         println!(
             "raw sled inserts/s (context, 1 thread):      {inserts:>10.0}   insert+flush median {flush_ms:.2} ms"
         );
+        println!("  raw sled on-disk / data, 100k x 300 B values, no deletes: {space:.2}");
     }
     if run("churn") {
         let (ratio, disk, live) = bench_churn(body_len);
         println!(
-            "on-disk / live after 10x churn:              {ratio:>10.2}   target <= 3.0      {}   ({disk} bytes on disk, {live} bytes live)",
+            "on-disk / live after churn:                  {ratio:>10.2}   target <= 3.0      {}   ({disk} bytes on disk, {live} bytes live)",
             verdict(ratio <= 3.0)
         );
     }
