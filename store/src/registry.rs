@@ -187,11 +187,17 @@ struct Inner {
     /// quick_cache, not moka (the node's TTL caches): no TTL is needed here,
     /// and a hit cost about 1.6x less (`HUBMESH_BENCH_ONLY=gets cargo bench
     /// -p hubmesh-store`, 606k vs 378k gets/s in one session).
-    records: Option<quick_cache::sync::Cache<Vec<u8>, Arc<CachedRecord>, RecordWeight>>,
+    /// Keyed by a hash of `ns \0 key` (a hit compares the record's own ns and
+    /// key, so a collision is a miss): the table then holds no pointer to
+    /// chase before the record itself, which matters when reads are random.
+    records: Option<quick_cache::sync::Cache<u64, CachedRecord, RecordWeight>>,
+    /// Hashes engine keys for the record cache.
+    record_hasher: std::collections::hash_map::RandomState,
     // Declared last: dropped after the trees, it flushes what they hold.
     committer: Committer,
 }
 
+#[derive(Clone)]
 struct CachedRecord {
     stamp: u64,
     record: Record,
@@ -204,11 +210,10 @@ const CACHED_RECORD_OVERHEAD: u64 = 160;
 #[derive(Clone)]
 struct RecordWeight;
 
-impl quick_cache::Weighter<Vec<u8>, Arc<CachedRecord>> for RecordWeight {
-    fn weight(&self, key: &Vec<u8>, v: &Arc<CachedRecord>) -> u64 {
+impl quick_cache::Weighter<u64, CachedRecord> for RecordWeight {
+    fn weight(&self, _key: &u64, v: &CachedRecord) -> u64 {
         let r = &v.record;
-        let bytes = key.len()
-            + r.ns.len()
+        let bytes = r.ns.len()
             + r.key.len()
             + r.body.len()
             + r.origin.as_bytes().len()
@@ -297,6 +302,7 @@ impl Store {
                     own_reserved,
                 }),
                 stamps: ChangeStamps::new(),
+                record_hasher: std::collections::hash_map::RandomState::new(),
                 records: (config.record_cache_bytes > 0).then(|| {
                     quick_cache::sync::Cache::with_weighter(
                         (config.record_cache_bytes / 512) as usize,
@@ -534,10 +540,13 @@ impl Store {
         let rk = rec_key(ns, key);
         // Taken before the engine read: a write landing after it changes it.
         let stamp = self.inner.stamps.get_for_ns_key(&rk[1..]);
-        if let Some(hit) = cache.get(&rk)
+        let hash = std::hash::BuildHasher::hash_one(&self.inner.record_hasher, &rk);
+        if let Some(hit) = cache.get(&hash)
             && hit.stamp == stamp
+            && hit.record.ns == ns
+            && hit.record.key == key
         {
-            return Ok((!hit.record.is_expired(now)).then(|| hit.record.clone()));
+            return Ok((!hit.record.is_expired(now)).then_some(hit.record));
         }
         let Some(v) = self.inner.reg.get(&rk)? else {
             return Ok(None);
@@ -547,11 +556,11 @@ impl Store {
             return Ok(None);
         }
         cache.insert(
-            rk,
-            Arc::new(CachedRecord {
+            hash,
+            CachedRecord {
                 stamp,
                 record: record.clone(),
-            }),
+            },
         );
         Ok(Some(record))
     }
