@@ -194,14 +194,18 @@ fn bench_durable(body_len: usize) -> (f64, f64) {
 }
 
 /// The engine's own ceiling, for context: single inserts of 300-byte values
-/// into raw sled (no record logic), and the latency of one insert + flush.
+/// into raw sled (no record logic), the latency of one insert + flush, and
+/// raw sled's on-disk size over the data it holds.
 fn bench_engine() -> (f64, f64, f64) {
+    let raw_sled = |dir: &std::path::Path| {
+        sled::Config::new()
+            .path(dir)
+            .flush_every_ms(Some(1000))
+            .open()
+            .expect("sled")
+    };
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = sled::Config::new()
-        .path(dir.path())
-        .flush_every_ms(Some(1000))
-        .open()
-        .expect("sled");
+    let db = raw_sled(dir.path());
     let n = 200_000 / scale();
     let value = vec![0xabu8; 300];
     let mut runs = Vec::new();
@@ -218,11 +222,7 @@ fn bench_engine() -> (f64, f64, f64) {
     // churn scenario's key order, no deletes.
     let space = {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = sled::Config::new()
-            .path(dir.path())
-            .flush_every_ms(Some(1000))
-            .open()
-            .expect("sled");
+        let db = raw_sled(dir.path());
         let live = 100_000 / scale();
         for i in 0..live {
             let key = format!("cluster-{:04}/{:016x}", i % 1000, i);
