@@ -4,7 +4,8 @@
 //! and Y answers; a payload sealed with `hubmesh seal` to Y's published key
 //! crosses both hubs and opens with `hubmesh open`; X disconnects and Y's
 //! next signal gets "offline"; a token logged out at hub 1 is refused at
-//! hub 2. Every wait has a deadline.
+//! hub 2. And SIGTERM closes a live signaling session with 1001 before the
+//! process exits. Every wait has a deadline.
 
 #![allow(clippy::unwrap_used)]
 
@@ -291,5 +292,66 @@ async fn two_hub_processes_identity_search_signal_seal_offline_logout() -> Resul
     let mut refused = ws(&h2, &tx).await?;
     let e = next(&mut refused).await?;
     assert_eq!(e["code"], "token_revoked", "{e}");
+    Ok(())
+}
+
+/// SIGTERM to a hub process with a live signaling session: the session gets
+/// a close frame with code 1001 (going away) before the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_signal_sessions_with_going_away() -> Result<()> {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    let d = tmp();
+    let pw = format!("{PW}\n{PW}\n");
+    cli(
+        &[
+            "user",
+            "add",
+            "zoe",
+            "--data-dir",
+            d.path().to_str().unwrap(),
+        ],
+        pw.as_bytes(),
+    )?;
+    let mut h = hub().start(d.path())?;
+    let tz = token(&h, "zoe").await?;
+    let (_, body) = identity(21);
+    let r = call(
+        &h,
+        reqwest::Method::POST,
+        "/register-node-id",
+        Some(&tz),
+        Some(body),
+    )
+    .await?;
+    assert_eq!(r.0, 200, "{r:?}");
+    let mut s = ws(&h, &tz).await?;
+    assert_eq!(next(&mut s).await?["type"], "auth_ok");
+
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(h.child.id())?);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+    loop {
+        match tokio::time::timeout(WAIT, s.next())
+            .await
+            .context("no close frame in time")?
+        {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                assert_eq!(frame.code, CloseCode::Away, "{frame:?}");
+                break;
+            }
+            Some(Ok(Message::Close(None))) => bail!("a close frame without a code"),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => bail!("the socket failed before a close frame: {e}"),
+            None => bail!("the socket ended without a close frame"),
+        }
+    }
+    let status = common::wait_exit(
+        &mut h.child,
+        "the hub after SIGTERM",
+        WAIT,
+        Duration::from_millis(20),
+    )
+    .await?;
+    assert!(status.success(), "{status:?}");
     Ok(())
 }
