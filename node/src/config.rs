@@ -160,6 +160,23 @@ pub struct FileConfig {
     /// Signaling settings (`[signal]`).
     #[serde(default)]
     pub signal: crate::federation::signal::FileSignal,
+    /// Store memory (`[store]`).
+    #[serde(default)]
+    pub store: FileStore,
+}
+
+const MIB: u64 = 1024 * 1024;
+/// Largest store cache setting, MiB (1 TiB).
+const MAX_CACHE_MIB: u64 = 1024 * 1024;
+
+/// `[store]` table: the store's memory budget.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileStore {
+    /// sled's page cache, MiB (1..=1048576). Default 256.
+    pub cache_mib: Option<u64>,
+    /// Decoded records kept for point reads, MiB (0 = off, ..=1048576). Default 64.
+    pub record_cache_mib: Option<u64>,
 }
 
 /// `[federation_hub]` table.
@@ -457,6 +474,10 @@ pub struct Config {
     pub federation_hub: FederationHubConfig,
     /// Signaling (`/ws/signal`, presence) and node/profile write limits.
     pub signal: crate::federation::signal::SignalConfig,
+    /// The store's page cache (sled), bytes.
+    pub store_cache_bytes: u64,
+    /// The store's record cache for point reads, bytes (0 = off).
+    pub record_cache_bytes: u64,
 }
 
 impl std::fmt::Debug for Config {
@@ -521,6 +542,8 @@ impl Default for Config {
                 oauth: Vec::new(),
             },
             signal: Default::default(),
+            store_cache_bytes: 256 * MIB,
+            record_cache_bytes: 64 * MIB,
         }
     }
 }
@@ -680,6 +703,25 @@ impl Config {
                 "discovery.rate_per_minute must be > 0".into(),
             ));
         }
+        let fs = &file.store;
+        let store_cache_bytes = match fs.cache_mib {
+            None => d.store_cache_bytes,
+            Some(m @ 1..=MAX_CACHE_MIB) => m * MIB,
+            Some(m) => {
+                return Err(NodeError::Config(format!(
+                    "store.cache_mib must be 1..={MAX_CACHE_MIB}, not {m}"
+                )));
+            }
+        };
+        let record_cache_bytes = match fs.record_cache_mib {
+            None => d.record_cache_bytes,
+            Some(m @ 0..=MAX_CACHE_MIB) => m * MIB,
+            Some(m) => {
+                return Err(NodeError::Config(format!(
+                    "store.record_cache_mib must be 0..={MAX_CACHE_MIB}, not {m}"
+                )));
+            }
+        };
         let max_body_bytes = ff.max_body_bytes.unwrap_or(d.max_body_bytes);
         if max_body_bytes < 1024 {
             return Err(NodeError::Config(
@@ -745,6 +787,8 @@ impl Config {
             dev,
             federation_hub,
             signal: args.signal.clone().or(file.signal).resolve()?,
+            store_cache_bytes,
+            record_cache_bytes,
         })
     }
 
@@ -1015,6 +1059,10 @@ pub const CONFIG_TEMPLATE: &str = r#"# hubmesh hub configuration (TOML). Precede
 # scopes = ["openid"]
 # subject_field = "sub"
 # name_field = "preferred_username"
+
+[store]
+# cache_mib = 256                        # sled's page cache (1..=1048576)
+# record_cache_mib = 64                  # decoded records kept for point reads; 0 = off
 
 [signal]
 # Also flags --signal-<key with dashes> and env HUBMESH_SIGNAL_<KEY>, e.g. HUBMESH_SIGNAL_OUTBOUND_QUEUE.
@@ -1325,6 +1373,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("outbound_queu"), "{e}");
+    }
+
+    #[test]
+    fn store_caches_come_from_the_file_and_are_bounded() {
+        let c = Config::merge(&RunArgs::default(), FileConfig::default(), &[]).unwrap();
+        assert_eq!(
+            (c.store_cache_bytes, c.record_cache_bytes),
+            (256 * MIB, 64 * MIB)
+        );
+        let file: FileConfig =
+            toml::from_str("[store]\ncache_mib = 32\nrecord_cache_mib = 0\n").unwrap();
+        let c = Config::merge(&RunArgs::default(), file, &[]).unwrap();
+        assert_eq!((c.store_cache_bytes, c.record_cache_bytes), (32 * MIB, 0));
+        for (text, needle) in [
+            (
+                "[store]\ncache_mib = 0\n",
+                "store.cache_mib must be 1..=1048576, not 0",
+            ),
+            (
+                "[store]\nrecord_cache_mib = 2000000\n",
+                "store.record_cache_mib must be 0..=1048576, not 2000000",
+            ),
+        ] {
+            let file: FileConfig = toml::from_str(text).unwrap();
+            let e = Config::merge(&RunArgs::default(), file, &[])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+        let e = toml::from_str::<FileConfig>("[store]\ncache = 8\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cache"), "{e}");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use hubmesh_mesh::{Membership, Mesh, MeshConfig, MeshEvent, Multiaddr, PeerId};
-use hubmesh_store::Store;
+use hubmesh_store::{Store, StoreConfig};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -90,8 +90,13 @@ impl Hub {
         let _ = crate::metrics::handle();
         let tls = tls::server_config(&config.tls, &config.data_dir)?;
         let store = {
-            let dir = config.data_dir.join("store");
-            tokio::task::spawn_blocking(move || Store::open(dir))
+            let store_config = StoreConfig {
+                path: Some(config.data_dir.join("store")),
+                cache_bytes: config.store_cache_bytes,
+                record_cache_bytes: config.record_cache_bytes,
+                ..StoreConfig::default()
+            };
+            tokio::task::spawn_blocking(move || Store::open_with(store_config))
                 .await
                 .map_err(|e| NodeError::Config(format!("opening the store: {e}")))??
         };
