@@ -44,6 +44,28 @@ fn cli(args: &[&str], stdin: &[u8]) -> Result<std::process::Output> {
     Ok(out)
 }
 
+/// `hubmesh user add NAME --data-dir DIR` with the password [`PW`] on stdin.
+fn add_user(dir: &std::path::Path, name: &str) -> Result<()> {
+    let pw = format!("{PW}\n{PW}\n");
+    let dir = dir.to_str().context("UTF-8 data dir")?;
+    cli(&["user", "add", name, "--data-dir", dir], pw.as_bytes())?;
+    Ok(())
+}
+
+/// `POST /register-node-id` with `body` and `tok`; fails unless it is a 200.
+async fn register_identity(hub: &HubProc, tok: &str, body: Value) -> Result<()> {
+    let r = call(
+        hub,
+        reqwest::Method::POST,
+        "/register-node-id",
+        Some(tok),
+        Some(body),
+    )
+    .await?;
+    assert_eq!(r.0, 200, "{r:?}");
+    Ok(())
+}
+
 async fn token(hub: &HubProc, user: &str) -> Result<String> {
     let r = client()
         .post(format!("{}/token", hub.http))
@@ -133,27 +155,8 @@ async fn until<F: std::future::Future<Output = Result<bool>>>(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hub_processes_identity_search_signal_seal_offline_logout() -> Result<()> {
     let (d1, d2, keys) = (tmp(), tmp(), tmp());
-    let pw = format!("{PW}\n{PW}\n");
-    cli(
-        &[
-            "user",
-            "add",
-            "xavier",
-            "--data-dir",
-            d1.path().to_str().unwrap(),
-        ],
-        pw.as_bytes(),
-    )?;
-    cli(
-        &[
-            "user",
-            "add",
-            "yvonne",
-            "--data-dir",
-            d2.path().to_str().unwrap(),
-        ],
-        pw.as_bytes(),
-    )?;
+    add_user(d1.path(), "xavier")?;
+    add_user(d2.path(), "yvonne")?;
     let h1 = hub().start(d1.path())?;
     let h2 = hub().bootstrap(&h1.mesh).start(d2.path())?;
     let tx = token(&h1, "xavier").await?;
@@ -166,24 +169,8 @@ async fn two_hub_processes_identity_search_signal_seal_offline_logout() -> Resul
 
     let (x_id, x_body) = identity(11);
     let (y_id, y_body) = identity(12);
-    let r = call(
-        &h1,
-        reqwest::Method::POST,
-        "/register-node-id",
-        Some(&tx),
-        Some(x_body),
-    )
-    .await?;
-    assert_eq!(r.0, 200, "{r:?}");
-    let r = call(
-        &h2,
-        reqwest::Method::POST,
-        "/register-node-id",
-        Some(&ty),
-        Some(y_body),
-    )
-    .await?;
-    assert_eq!(r.0, 200, "{r:?}");
+    register_identity(&h1, &tx, x_body).await?;
+    register_identity(&h2, &ty, y_body).await?;
     let r = call(
         &h1,
         reqwest::Method::PUT,
@@ -302,29 +289,11 @@ async fn sigterm_closes_signal_sessions_with_going_away() -> Result<()> {
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
     let d = tmp();
-    let pw = format!("{PW}\n{PW}\n");
-    cli(
-        &[
-            "user",
-            "add",
-            "zoe",
-            "--data-dir",
-            d.path().to_str().unwrap(),
-        ],
-        pw.as_bytes(),
-    )?;
+    add_user(d.path(), "zoe")?;
     let mut h = hub().start(d.path())?;
     let tz = token(&h, "zoe").await?;
     let (_, body) = identity(21);
-    let r = call(
-        &h,
-        reqwest::Method::POST,
-        "/register-node-id",
-        Some(&tz),
-        Some(body),
-    )
-    .await?;
-    assert_eq!(r.0, 200, "{r:?}");
+    register_identity(&h, &tz, body).await?;
     let mut s = ws(&h, &tz).await?;
     assert_eq!(next(&mut s).await?["type"], "auth_ok");
 

@@ -535,20 +535,18 @@ impl EventLoop {
         // directly instead of running a closest-peers query per record (a
         // FIND_NODE round trip, and a scan of the routing table on both
         // sides, which profiles showed as the costliest part of a write).
-        let known: Vec<PeerId> = self
-            .swarm
-            .behaviour_mut()
-            .kad
-            .kbuckets()
-            .flat_map(|b| b.iter().map(|e| *e.node.key.preimage()).collect::<Vec<_>>())
-            .take(DHT_REPLICATION + 1)
-            .collect();
-        if known.is_empty() {
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let known: usize = kad.kbuckets().map(|b| b.num_entries()).sum();
+        if known == 0 {
             // Nobody to put to yet: keep the queue (bounded) until a hub
             // joins the routing table; `maintain` pumps again every period.
             return;
         }
-        let direct = (known.len() <= DHT_REPLICATION).then_some(known);
+        let direct: Option<Vec<PeerId>> = (known <= DHT_REPLICATION).then(|| {
+            kad.kbuckets()
+                .flat_map(|b| b.iter().map(|e| *e.node.key.preimage()).collect::<Vec<_>>())
+                .collect()
+        });
         while self.dht_puts.len() < MAX_DHT_PUTS_IN_FLIGHT {
             let Some(record) = self.dht_queue.pop_front() else {
                 break;

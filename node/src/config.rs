@@ -169,6 +169,18 @@ const MIB: u64 = 1024 * 1024;
 /// Largest store cache setting, MiB (1 TiB).
 const MAX_CACHE_MIB: u64 = 1024 * 1024;
 
+/// A `[store]` cache size given in MiB, as bytes: `default` when unset, else
+/// checked to be `min..=MAX_CACHE_MIB`.
+fn cache_bytes(key: &str, mib: Option<u64>, min: u64, default: u64) -> Result<u64, NodeError> {
+    match mib {
+        None => Ok(default),
+        Some(m) if (min..=MAX_CACHE_MIB).contains(&m) => Ok(m * MIB),
+        Some(m) => Err(NodeError::Config(format!(
+            "{key} must be {min}..={MAX_CACHE_MIB}, not {m}"
+        ))),
+    }
+}
+
 /// `[store]` table: the store's memory budget.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -703,25 +715,18 @@ impl Config {
                 "discovery.rate_per_minute must be > 0".into(),
             ));
         }
-        let fs = &file.store;
-        let store_cache_bytes = match fs.cache_mib {
-            None => d.store_cache_bytes,
-            Some(m @ 1..=MAX_CACHE_MIB) => m * MIB,
-            Some(m) => {
-                return Err(NodeError::Config(format!(
-                    "store.cache_mib must be 1..={MAX_CACHE_MIB}, not {m}"
-                )));
-            }
-        };
-        let record_cache_bytes = match fs.record_cache_mib {
-            None => d.record_cache_bytes,
-            Some(m @ 0..=MAX_CACHE_MIB) => m * MIB,
-            Some(m) => {
-                return Err(NodeError::Config(format!(
-                    "store.record_cache_mib must be 0..={MAX_CACHE_MIB}, not {m}"
-                )));
-            }
-        };
+        let store_cache_bytes = cache_bytes(
+            "store.cache_mib",
+            file.store.cache_mib,
+            1,
+            d.store_cache_bytes,
+        )?;
+        let record_cache_bytes = cache_bytes(
+            "store.record_cache_mib",
+            file.store.record_cache_mib,
+            0,
+            d.record_cache_bytes,
+        )?;
         let max_body_bytes = ff.max_body_bytes.unwrap_or(d.max_body_bytes);
         if max_body_bytes < 1024 {
             return Err(NodeError::Config(
@@ -1188,6 +1193,17 @@ mod tests {
         Run::try_parse_from(std::iter::once("run").chain(argv.iter().copied())).map(|r| r.run)
     }
 
+    /// The error of merging `args` over the config file `text`.
+    fn merge_error(args: &RunArgs, text: &str) -> String {
+        let file: FileConfig = toml::from_str(text).unwrap();
+        Config::merge(args, file, &[]).unwrap_err().to_string()
+    }
+
+    /// The error of parsing the config file `text`.
+    fn parse_error(text: &str) -> String {
+        toml::from_str::<FileConfig>(text).unwrap_err().to_string()
+    }
+
     #[test]
     fn signal_settings_flag_over_file_over_default() {
         use crate::federation::signal::SignalConfig;
@@ -1353,10 +1369,7 @@ mod tests {
                 "signal.max_sessions",
             ),
         ] {
-            let file: FileConfig = toml::from_str(file).unwrap();
-            let e = Config::merge(&run_args(argv).unwrap(), file, &[])
-                .unwrap_err()
-                .to_string();
+            let e = merge_error(&run_args(argv).unwrap(), file);
             assert!(e.contains(needle), "{argv:?}: {e}");
         }
         let file: FileConfig = toml::from_str("[signal]\noutbound_queue = 0\n").unwrap();
@@ -1369,9 +1382,7 @@ mod tests {
             8,
             "a valid flag overrides a bad file value"
         );
-        let e = toml::from_str::<FileConfig>("[signal]\noutbound_queu = 8\n")
-            .unwrap_err()
-            .to_string();
+        let e = parse_error("[signal]\noutbound_queu = 8\n");
         assert!(e.contains("outbound_queu"), "{e}");
     }
 
@@ -1396,15 +1407,10 @@ mod tests {
                 "store.record_cache_mib must be 0..=1048576, not 2000000",
             ),
         ] {
-            let file: FileConfig = toml::from_str(text).unwrap();
-            let e = Config::merge(&RunArgs::default(), file, &[])
-                .unwrap_err()
-                .to_string();
+            let e = merge_error(&RunArgs::default(), text);
             assert!(e.contains(needle), "{text}: {e}");
         }
-        let e = toml::from_str::<FileConfig>("[store]\ncache = 8\n")
-            .unwrap_err()
-            .to_string();
+        let e = parse_error("[store]\ncache = 8\n");
         assert!(e.contains("cache"), "{e}");
     }
 

@@ -536,7 +536,6 @@ impl Store {
         let Some(cache) = &self.inner.records else {
             return Ok(self.held(ns, key)?.map(|(r, _)| r));
         };
-        let now = self.inner.clock.now_ms();
         let rk = rec_key(ns, key);
         // Taken before the engine read: a write landing after it changes it.
         let stamp = self.inner.stamps.get_for_ns_key(&rk[1..]);
@@ -546,23 +545,20 @@ impl Store {
             && hit.record.ns == ns
             && hit.record.key == key
         {
+            let now = self.inner.clock.now_ms();
             return Ok((!hit.record.is_expired(now)).then_some(hit.record));
         }
-        let Some(v) = self.inner.reg.get(&rk)? else {
-            return Ok(None);
-        };
-        let record = codec::decode_record(&v)?;
-        if record.is_expired(now) {
-            return Ok(None);
+        let held = self.held(ns, key)?.map(|(r, _)| r);
+        if let Some(record) = &held {
+            cache.insert(
+                hash,
+                CachedRecord {
+                    stamp,
+                    record: record.clone(),
+                },
+            );
         }
-        cache.insert(
-            hash,
-            CachedRecord {
-                stamp,
-                record: record.clone(),
-            },
-        );
-        Ok(Some(record))
+        Ok(held)
     }
 
     /// The encoded bytes of the held record for `(ns, key)` (tombstones
