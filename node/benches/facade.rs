@@ -91,10 +91,10 @@ fn pick_loadgen() -> LoadGen {
 /// Runs wrk ([`wrk_threads`] threads, `CLIENTS` connections) for `secs` against `url`;
 /// returns completed req/s. POSTs the lines of `bodies` when given. Panics
 /// (failing the bench) on any non-2xx answer or socket error.
-/// wrk's threads (`BENCH_WRK_THREADS`, default 1). On the 2-core machine
-/// this bench was written on, a second wrk thread takes a core from the server
-/// under test: lookups measured 25-29k req/s with 2 threads and 31-36k with 1
-/// (alternating runs against one hub process).
+/// wrk's threads (`BENCH_WRK_THREADS`, default 1). On a 2-core machine a
+/// second wrk thread competes with the server under test for a core: one run
+/// of this bench with 2 threads measured lookups at 24.1k req/s (minimal axum
+/// 22.5k), a later one with 1 thread at 31.3k (minimal axum 24.9k).
 fn wrk_threads() -> usize {
     std::env::var("BENCH_WRK_THREADS")
         .ok()

@@ -185,8 +185,9 @@ struct Inner {
     /// Point reads by engine key, each with the group's change stamp taken
     /// before the engine read: served only while that stamp is current.
     /// quick_cache, not moka (the node's TTL caches): no TTL is needed here,
-    /// and a hit cost about 1.6x less (`HUBMESH_BENCH_ONLY=gets cargo bench
-    /// -p hubmesh-store`, 606k vs 378k gets/s in one session).
+    /// and with moka in its place (a variant not kept) the same bench,
+    /// `HUBMESH_BENCH_ONLY=gets cargo bench -p hubmesh-store`, gave 378k
+    /// gets/s against 606k.
     /// Keyed by a hash of `ns \0 key` (a hit compares the record's own ns and
     /// key, so a collision is a miss): the table then holds no pointer to
     /// chase before the record itself, which matters when reads are random.
