@@ -28,7 +28,8 @@ use crate::events::{EventSink, MeshEvent};
 use crate::kad_store::to_kad_record;
 use crate::peers::PeerBook;
 use crate::protocol::{
-    MAX_PAGE_BYTES, MAX_PAGE_RECORDS, MAX_SYNC_ORIGINS, Names, SyncRequest, SyncResponse,
+    GOSSIP_ENTRY_OVERHEAD, MAX_GOSSIP_BATCH, MAX_GOSSIP_BATCH_BYTES, MAX_PAGE_BYTES,
+    MAX_PAGE_RECORDS, MAX_SYNC_ORIGINS, Names, SyncRequest, SyncResponse,
 };
 use crate::validate::{Validator, dht_key, split_dht_key};
 
@@ -68,6 +69,11 @@ pub(crate) enum Command {
     FindPeer {
         peer: PeerId,
         reply: oneshot::Sender<bool>,
+    },
+    /// Test hook: publishes raw bytes as a gossip message.
+    GossipRaw {
+        data: Vec<u8>,
+        reply: oneshot::Sender<()>,
     },
     /// Test hook: DHT put to named peers, bypassing the local store.
     DhtPutTo {
@@ -160,6 +166,8 @@ const MAX_PENDING_DIALS: usize = 256;
 const MAX_JOBS: usize = 16;
 /// Swarm events handled before pending merges are flushed.
 const MAX_EVENT_BATCH: usize = 256;
+/// Commands handled before queued gossip is flushed.
+const MAX_COMMAND_BATCH: usize = 256;
 /// Sync retries after a failed request while the peer stays connected.
 const MAX_SYNC_RETRIES: u8 = 3;
 
@@ -190,6 +198,10 @@ pub(crate) struct EventLoop {
     pending_dials: HashMap<ConnectionId, oneshot::Sender<Result<(), MeshError>>>,
     strikes: HashMap<PeerId, u32>,
     pending_merge: Vec<Record>,
+    /// Encoded records waiting to go out as one gossip message, and their
+    /// size in the message.
+    pending_gossip: Vec<ByteBuf>,
+    pending_gossip_bytes: usize,
     dht_queue: VecDeque<Record>,
     dht_puts: std::collections::HashSet<QueryId>,
     /// Cursor over own records still to re-put into the DHT after a start.
@@ -241,6 +253,8 @@ impl EventLoop {
             pending_dials: HashMap::new(),
             strikes: HashMap::new(),
             pending_merge: Vec::new(),
+            pending_gossip: Vec::new(),
+            pending_gossip_bytes: 0,
             dht_queue: VecDeque::new(),
             dht_puts: Default::default(),
             republish: None,
@@ -276,7 +290,23 @@ impl EventLoop {
                     self.on_job(job);
                 }
                 command = self.commands.recv() => match command {
-                    Some(command) => self.on_command(command),
+                    Some(command) => {
+                        let publish = matches!(command, Command::Publish { gossip: true, .. });
+                        self.on_command(command);
+                        if publish {
+                            // Writers acknowledged by one store group commit
+                            // wake together: let them queue their publications
+                            // so that they leave as one gossip message.
+                            tokio::task::yield_now().await;
+                        }
+                        for _ in 1..MAX_COMMAND_BATCH {
+                            match self.commands.try_recv() {
+                                Ok(command) => self.on_command(command),
+                                Err(_) => break,
+                            }
+                        }
+                        self.flush_gossip();
+                    }
                     None => break,
                 },
                 _ = sync_tick.tick() => {
@@ -341,7 +371,7 @@ impl EventLoop {
             } => {
                 for record in records {
                     if gossip {
-                        self.gossip(&record);
+                        self.queue_gossip(&record);
                     }
                     if dht {
                         self.queue_dht_put(record);
@@ -396,6 +426,17 @@ impl EventLoop {
                     let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
                     self.find_peers.insert(id, (peer, reply));
                 }
+            }
+            Command::GossipRaw { data, reply } => {
+                if let Err(e) = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossip
+                    .publish(self.topic.clone(), data)
+                {
+                    tracing::debug!(error = %e, "raw gossip publish failed");
+                }
+                let _ = reply.send(());
             }
             Command::DhtPutTo {
                 records,
@@ -495,7 +536,9 @@ impl EventLoop {
 
     // ----- publishing -----------------------------------------------------
 
-    fn gossip(&mut self, record: &Record) {
+    /// Queues a record for the next gossip message; a full message is sent
+    /// at once, the rest by [`EventLoop::flush_gossip`].
+    fn queue_gossip(&mut self, record: &Record) {
         let bytes = match codec::encode_record(record) {
             Ok(b) => b,
             Err(e) => {
@@ -503,11 +546,35 @@ impl EventLoop {
                 return;
             }
         };
+        let size = bytes.len() + GOSSIP_ENTRY_OVERHEAD;
+        if self.pending_gossip.len() >= MAX_GOSSIP_BATCH
+            || self.pending_gossip_bytes + size > MAX_GOSSIP_BATCH_BYTES
+        {
+            self.flush_gossip();
+        }
+        self.pending_gossip.push(ByteBuf::from(bytes));
+        self.pending_gossip_bytes += size;
+    }
+
+    /// Publishes the queued records as one gossip message.
+    fn flush_gossip(&mut self) {
+        if self.pending_gossip.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.pending_gossip);
+        self.pending_gossip_bytes = 0;
+        let message = match codec::encode_value(&batch) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot encode a gossip message");
+                return;
+            }
+        };
         match self
             .swarm
             .behaviour_mut()
             .gossip
-            .publish(self.topic.clone(), bytes)
+            .publish(self.topic.clone(), message)
         {
             Ok(_) => {}
             Err(gossipsub::PublishError::Duplicate)
@@ -834,17 +901,15 @@ impl EventLoop {
         let acceptance = if message.topic != self.topic.hash() {
             MessageAcceptance::Ignore
         } else {
-            match self.check_gossip(&message.data) {
-                Ok(Some(record)) => {
-                    self.pending_merge.push(record);
-                    MessageAcceptance::Accept
-                }
-                Ok(None) => MessageAcceptance::Accept,
-                Err(e) => {
-                    tracing::debug!(peer = %propagation_source, error = %e, "rejecting gossiped record");
-                    self.strike(propagation_source, 1);
-                    MessageAcceptance::Reject
-                }
+            let (records, invalid) = self.check_gossip(&message.data);
+            self.pending_merge.extend(records);
+            if invalid == 0 {
+                MessageAcceptance::Accept
+            } else {
+                // Not forwarded: its valid records reach other hubs from
+                // their origin's own publication or by anti-entropy.
+                self.strike(propagation_source, invalid);
+                MessageAcceptance::Reject
             }
         };
         self.swarm
@@ -853,18 +918,55 @@ impl EventLoop {
             .report_message_validation_result(&message_id, &propagation_source, acceptance);
     }
 
-    /// `Ok(None)`: the exact record is already held (it was validated when
-    /// stored), so its signature is not checked again.
-    fn check_gossip(&self, data: &[u8]) -> Result<Option<Record>, crate::ValidationError> {
-        let record = codec::decode_record(data)
-            .map_err(|e| crate::ValidationError::Malformed(e.to_string()))?;
-        if let Ok(Some(held)) = self.store.get_raw(&record.ns, &record.key)
-            && held == data
-        {
-            return Ok(None);
+    /// The records of a gossip message to merge, and how many were invalid
+    /// (a message that is not a batch of records counts as one). A record
+    /// already held byte-for-byte (validated when stored) is skipped without
+    /// a signature check; the rest are validated as one batch.
+    fn check_gossip(&self, data: &[u8]) -> (Vec<Record>, u32) {
+        let batch: Vec<ByteBuf> = match codec::decode_value(data, "gossip message") {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(error = %e, "malformed gossip message");
+                return (Vec::new(), 1);
+            }
+        };
+        if batch.is_empty() || batch.len() > MAX_GOSSIP_BATCH {
+            tracing::debug!(
+                records = batch.len(),
+                "gossip message with a bad record count"
+            );
+            return (Vec::new(), 1);
         }
-        self.validator.validate_decoded(&record)?;
-        Ok(Some(record))
+        let mut invalid = 0;
+        let mut fresh = Vec::with_capacity(batch.len());
+        for bytes in &batch {
+            let record = match codec::decode_record(bytes) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!(error = %e, "malformed record in a gossip message");
+                    invalid += 1;
+                    continue;
+                }
+            };
+            if let Ok(Some(held)) = self.store.get_raw(&record.ns, &record.key)
+                && held[..] == bytes[..]
+            {
+                continue;
+            }
+            fresh.push(record);
+        }
+        let verdicts = self.validator.validate_decoded_many(&fresh);
+        let mut valid = Vec::with_capacity(fresh.len());
+        for (record, verdict) in fresh.into_iter().zip(verdicts) {
+            match verdict {
+                Ok(_) => valid.push(record),
+                Err(e) => {
+                    tracing::debug!(error = %e, key = %record.key, "invalid gossiped record");
+                    invalid += 1;
+                }
+            }
+        }
+        (valid, invalid)
     }
 
     fn flush_merges(&mut self) {
@@ -1310,12 +1412,35 @@ fn merge_page(
     origin: &OriginId,
     records: Vec<ByteBuf>,
 ) -> (usize, usize) {
-    let mut valid = Vec::with_capacity(records.len());
     let mut invalid = 0;
+    let mut fresh = Vec::with_capacity(records.len());
     for bytes in records {
-        match validator.validate_bytes(&bytes) {
-            Ok(r) if r.origin == *origin => valid.push(r),
-            Ok(_) => invalid += 1,
+        let record = match codec::decode_record(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!(error = %e, "malformed record in a sync page");
+                invalid += 1;
+                continue;
+            }
+        };
+        if record.origin != *origin {
+            invalid += 1;
+            continue;
+        }
+        // Already held byte-for-byte (usually gossip got here first): it was
+        // validated when stored, so it costs no signature check.
+        if let Ok(Some(held)) = store.get_raw(&record.ns, &record.key)
+            && held[..] == bytes[..]
+        {
+            continue;
+        }
+        fresh.push(record);
+    }
+    let verdicts = validator.validate_decoded_many(&fresh);
+    let mut valid = Vec::with_capacity(fresh.len());
+    for (record, verdict) in fresh.into_iter().zip(verdicts) {
+        match verdict {
+            Ok(_) => valid.push(record),
             Err(e) => {
                 tracing::debug!(error = %e, "invalid record in a sync page");
                 invalid += 1;

@@ -275,6 +275,13 @@ impl Mesh {
         .await
     }
 
+    /// Test hook: publishes `data` as one gossip message, as is (to play a
+    /// misbehaving hub). Not part of the stable API.
+    #[doc(hidden)]
+    pub async fn gossip_raw(&self, data: Vec<u8>) -> Result<(), MeshError> {
+        self.ask(|reply| Command::GossipRaw { data, reply }).await
+    }
+
     /// Test hook: puts records straight to the DHT stores of `peers`,
     /// without storing or validating them here (to play a misbehaving hub).
     /// Not part of the stable API.

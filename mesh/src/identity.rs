@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use ed25519_dalek::{Signature, Verifier, VerifyingKey};
 use hubmesh_store::{OriginId, Record, Signer, codec};
 use libp2p::PeerId;
 use libp2p::identity::{Keypair, PublicKey};
@@ -64,16 +65,17 @@ impl Signer for HubSigner {
 }
 
 /// The ed25519 public key a record's origin names, and the origin as a PeerId.
-pub(crate) fn origin_key(origin: &OriginId) -> Result<(PeerId, PublicKey), ValidationError> {
+pub(crate) fn origin_key(origin: &OriginId) -> Result<(PeerId, VerifyingKey), ValidationError> {
     let peer = PeerId::from_bytes(origin.as_bytes()).map_err(|_| ValidationError::Origin)?;
     let mh: &libp2p::multihash::Multihash<64> = peer.as_ref();
     if mh.code() != IDENTITY_MULTIHASH {
         return Err(ValidationError::Origin);
     }
-    let key = PublicKey::try_decode_protobuf(mh.digest()).map_err(|_| ValidationError::Origin)?;
-    if key.clone().try_into_ed25519().is_err() {
-        return Err(ValidationError::Origin);
-    }
+    let key = PublicKey::try_decode_protobuf(mh.digest())
+        .ok()
+        .and_then(|k| k.try_into_ed25519().ok())
+        .and_then(|k| VerifyingKey::from_bytes(&k.to_bytes()).ok())
+        .ok_or(ValidationError::Origin)?;
     Ok((peer, key))
 }
 
@@ -82,11 +84,10 @@ pub(crate) fn origin_key(origin: &OriginId) -> Result<(PeerId, PublicKey), Valid
 /// [`codec::signing_bytes`]. Returns the origin.
 pub fn verify_record(record: &Record) -> Result<PeerId, ValidationError> {
     let (peer, key) = origin_key(&record.origin)?;
-    if key.verify(&codec::signing_bytes(record), &record.sig) {
-        Ok(peer)
-    } else {
-        Err(ValidationError::Signature)
-    }
+    let sig = Signature::from_slice(&record.sig).map_err(|_| ValidationError::Signature)?;
+    key.verify(&codec::signing_bytes(record), &sig)
+        .map_err(|_| ValidationError::Signature)?;
+    Ok(peer)
 }
 
 #[cfg(test)]

@@ -21,15 +21,26 @@ pub const MAX_SYNC_ORIGINS: usize = 4096;
 pub const MAX_SYNC_REQUEST_BYTES: usize = 256 * 1024;
 /// Largest encoded sync response: a full page plus framing.
 pub const MAX_SYNC_RESPONSE_BYTES: usize = MAX_PAGE_BYTES + hubmesh_store::MAX_RECORD_BYTES + 4096;
-/// Largest gossip message: one encoded record plus protobuf framing.
+/// Largest gossip message on the wire (gossipsub's `max_transmit_size`): a
+/// full record batch plus protobuf framing.
 pub const MAX_GOSSIP_BYTES: usize = hubmesh_store::MAX_RECORD_BYTES + 1024;
+/// Most records in one gossip message.
+pub const MAX_GOSSIP_BATCH: usize = 256;
+/// CBOR byte-string header of one record in a gossip message, at most.
+pub const GOSSIP_ENTRY_OVERHEAD: usize = 5;
+/// Most bytes of records (each with its header) one gossip message carries:
+/// room for one record of the largest size, so every record fits alone.
+/// With the format byte and the array header (4 bytes at most) a message
+/// stays well inside [`MAX_GOSSIP_BYTES`].
+pub const MAX_GOSSIP_BATCH_BYTES: usize = hubmesh_store::MAX_RECORD_BYTES + GOSSIP_ENTRY_OVERHEAD;
 /// Largest Kademlia message: a record plus closer peers.
 pub const MAX_KAD_PACKET_BYTES: usize = hubmesh_store::MAX_RECORD_BYTES + 16 * 1024;
 
 /// The names one federation's protocols and topic use.
 #[derive(Clone, Debug)]
 pub struct Names {
-    /// Gossipsub topic: `hubmesh/<federation>/records/1`.
+    /// Gossipsub topic: `hubmesh/<federation>/records/2` (a message is a
+    /// batch of records; version 1 carried one record per message).
     pub topic: String,
     /// Gossipsub protocol id prefix: `/hubmesh/<federation>/meshsub`.
     pub gossip_prefix: String,
@@ -51,7 +62,7 @@ impl Names {
                 .map_err(|e| crate::MeshError::Config(format!("protocol name: {e}")))
         };
         Ok(Names {
-            topic: format!("hubmesh/{federation}/records/1"),
+            topic: format!("hubmesh/{federation}/records/2"),
             gossip_prefix: format!("/hubmesh/{federation}/meshsub"),
             kad: proto(format!("/hubmesh/{federation}/kad/1.0.0"))?,
             sync: proto(format!("/hubmesh/{federation}/sync/1.0.0"))?,
@@ -282,6 +293,15 @@ mod spec_examples {
         assert_eq!(
             enc(&|| codec::encode_record(&r).unwrap()),
             "01aa00617301616b02410103410204a2000301040505060607f408816174094107"
+        );
+        // A gossip message carrying that one record (§4).
+        assert_eq!(
+            enc(&|| codec::encode_value(&vec![serde_bytes::ByteBuf::from(
+                codec::encode_record(&r).unwrap()
+            )])
+            .unwrap()),
+            "01815821\
+             01aa00617301616b02410103410204a2000301040505060607f408816174094107"
         );
         assert_eq!(
             enc(&|| codec::encode_value(&SyncRequest::Watermarks(vec![(

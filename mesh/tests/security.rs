@@ -126,28 +126,8 @@ async fn forged_records_are_rejected_on_every_path_and_offenders_banned() {
         "a tainted pull does not advance the watermark"
     );
 
-    // Path 2: gossip. First make sure gossip flows (subscriptions exchanged).
-    let mut n = 0;
-    eventually(Duration::from_secs(10), "gossip flows", || {
-        n += 1;
-        let (mesh, store, signer) = (m.mesh.clone(), m.store.clone(), m_signer.clone());
-        let vs = v.store.clone();
-        async move {
-            if vs.get("server", "gossip/ok-0").unwrap().is_some() {
-                return true;
-            }
-            if n % 20 == 1 {
-                let key = format!("gossip/ok-{}", n / 20);
-                let r = store
-                    .originate(vec![draft(&key, b"ok")], &signer)
-                    .await
-                    .unwrap();
-                mesh.publish_via(r, true, false).await.unwrap();
-            }
-            false
-        }
-    })
-    .await;
+    // Path 2: gossip.
+    wait_gossip_flows(&m, &v).await;
     let forged_gossip = forge(&m, &stranger_key, "gossip").await;
     m.mesh
         .publish_via(forged_gossip.clone(), true, false)
@@ -242,6 +222,124 @@ async fn forged_records_are_rejected_on_every_path_and_offenders_banned() {
         assert_ne!(ev, MeshEvent::PeerJoined(s.id()), "stranger never joined");
     }
     for h in [&m, &v, &s] {
+        h.mesh.shutdown().await;
+    }
+}
+
+/// Returns once a record gossiped by `m` reaches `v` (subscriptions
+/// exchanged): publishes a fresh record every 20 polls until one arrives.
+async fn wait_gossip_flows(m: &Hub, v: &Hub) {
+    let m_signer = HubSigner(m.mesh.keypair().clone());
+    let mut n = 0;
+    eventually(Duration::from_secs(10), "gossip flows", || {
+        n += 1;
+        let (mesh, store, signer) = (m.mesh.clone(), m.store.clone(), m_signer.clone());
+        let vs = v.store.clone();
+        async move {
+            if vs.get("server", "gossip/ok-0").unwrap().is_some() {
+                return true;
+            }
+            if n % 20 == 1 {
+                let key = format!("gossip/ok-{}", n / 20);
+                let r = store
+                    .originate(vec![draft(&key, b"ok")], &signer)
+                    .await
+                    .unwrap();
+                mesh.publish_via(r, true, false).await.unwrap();
+            }
+            false
+        }
+    })
+    .await;
+}
+
+/// A gossip message is a batch of records: its valid records are merged
+/// and its invalid ones refused; a message that is not a well-formed batch
+/// (garbage, empty, too many records) counts against its sender until the
+/// sender is dropped.
+#[tokio::test]
+async fn gossip_batches_keep_valid_records_and_malformed_messages_count_as_strikes() {
+    init_tracing();
+    let (dm, dv) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let m = start_hub(dm.path(), vec![]).await;
+    let mut v = start_hub(dv.path(), vec![m.addr.clone()]).await;
+    wait_gossip_flows(&m, &v).await;
+    let m_signer = HubSigner(m.mesh.keypair().clone());
+
+    // One publication is one message: two valid records around a forged one.
+    let first = m
+        .store
+        .originate(vec![draft("mixed/first", b"ok")], &m_signer)
+        .await
+        .unwrap();
+    let (forged, _) = m
+        .store
+        .originate_nowait(
+            vec![draft("mixed/forged", b"x")],
+            &BadSigner(OriginId::new(m.id().to_bytes())),
+        )
+        .unwrap();
+    let last = m
+        .store
+        .originate(vec![draft("mixed/last", b"ok")], &m_signer)
+        .await
+        .unwrap();
+    let batch: Vec<Record> = [first, forged.clone(), last].concat();
+    m.mesh.publish_via(batch, true, false).await.unwrap();
+    wait_held(&v.store, "mixed/first").await;
+    wait_held(&v.store, "mixed/last").await;
+    assert!(
+        holds_none(&v.store, &forged),
+        "the forged record is refused"
+    );
+
+    // Malformed messages, each distinct (gossip drops repeats by content).
+    let bad_messages = |i: usize| -> Vec<u8> {
+        match i % 3 {
+            0 => format!("not a batch {i}").into_bytes(),
+            1 => {
+                let mut empty = codec::encode_value(&Vec::<serde_bytes::ByteBuf>::new()).unwrap();
+                empty.extend_from_slice(format!("{i}").as_bytes()); // trailing junk
+                empty
+            }
+            _ => {
+                let many: Vec<serde_bytes::ByteBuf> = (0..257 + i)
+                    .map(|_| serde_bytes::ByteBuf::from(vec![0u8]))
+                    .collect();
+                codec::encode_value(&many).unwrap()
+            }
+        }
+    };
+    let mut sent = 0;
+    let v_events = &mut v.events;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            m.mesh.gossip_raw(bad_messages(sent)).await.unwrap();
+            sent += 1;
+            let left = tokio::time::timeout(Duration::from_millis(200), async {
+                loop {
+                    if let Some(MeshEvent::PeerLeft(p)) = v_events.recv().await
+                        && p == m.id()
+                    {
+                        return;
+                    }
+                }
+            })
+            .await;
+            if left.is_ok() {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the sender of malformed gossip is dropped");
+    // 10 strikes drop a peer and the forged record above was one: 9 more
+    // messages do it (a few more may leave before the drop is seen).
+    assert!(
+        sent <= 12,
+        "every malformed message is a strike ({sent} sent)"
+    );
+    for h in [&m, &v] {
         h.mesh.shutdown().await;
     }
 }
