@@ -223,6 +223,7 @@ impl TokenService {
             .try_into_ed25519()
             .map_err(|_| NodeError::Config("the hub identity is not an ed25519 key".into()))?;
         let der = ed25519_pkcs8(ed.secret().as_ref());
+        crate::jwt_keys::install();
         Ok(TokenService {
             me: keypair.public().to_peer_id(),
             encoding: Arc::new(EncodingKey::from_ed_der(&der)),

@@ -35,9 +35,28 @@ use crate::federation::{self, Federation};
 use crate::limits::{self, FamilyLimiter};
 use crate::metrics;
 
-/// Everything a handler may need. Cheap to clone.
+/// Everything a handler may need: one shared [`HubState`]. Cloning is one
+/// reference count (axum clones the state for every extractor and layer of
+/// every request).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<HubState>);
+
+impl AppState {
+    /// Shares `state` with the handlers.
+    pub fn new(state: HubState) -> Self {
+        AppState(Arc::new(state))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = HubState;
+    fn deref(&self) -> &HubState {
+        &self.0
+    }
+}
+
+/// The hub's state, as handlers see it (through [`AppState`]).
+pub struct HubState {
     /// The hub's store (shared with the mesh).
     pub store: Store,
     /// The mesh handle.
@@ -66,7 +85,13 @@ pub struct AppState {
 
 impl std::fmt::Debug for AppState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AppState")
+        self.0.fmt(f)
+    }
+}
+
+impl std::fmt::Debug for HubState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubState")
             .field("peer_id", &self.peer_id)
             .finish_non_exhaustive()
     }

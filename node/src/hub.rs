@@ -22,7 +22,7 @@ use crate::auth::{AdminGuard, Members, TokenService};
 use crate::config::Config;
 use crate::discovery::Discovery;
 use crate::error::NodeError;
-use crate::facade::{self, AppState};
+use crate::facade::{self, AppState, HubState};
 use crate::limits::{self, FamilyLimiter};
 use crate::now_ms;
 use crate::tls;
@@ -153,7 +153,7 @@ impl Hub {
             tracing::warn!(error = %e, "could not write {FACADE_ADDR_FILE}");
         }
         let config = Arc::new(config);
-        let state = AppState {
+        let state = AppState::new(HubState {
             store: store.clone(),
             mesh: mesh.clone(),
             peer_id: peer_id.to_string(),
@@ -187,7 +187,7 @@ impl Hub {
             config: config.clone(),
             status: status.clone(),
             started: Instant::now(),
-        };
+        });
         {
             // Inbound relay frames go straight to the sessions from the
             // signal stream's reader (no event-channel hop); the

@@ -26,6 +26,7 @@ pub mod error;
 pub mod facade;
 pub mod federation;
 pub mod hub;
+mod jwt_keys;
 pub mod limits;
 pub mod metrics;
 pub mod openapi;
