@@ -1,13 +1,14 @@
 //! The cloneable [`Mesh`] handle: starting the mesh, and every operation the
 //! node performs on it. Operations are commands sent over a bounded channel
 //! to the event loop, answered on a oneshot; writes and signals take shorter
-//! paths (the store, and the signal streams) that do not involve the loop.
+//! paths that do not involve the loop (the writer thread, which originates
+//! into the store, and the signal streams).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hubmesh_store::{Draft, Record, Store};
+use hubmesh_store::{Draft, DurableTicket, Record, Store};
 use libp2p::identity::Keypair;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId};
@@ -30,6 +31,8 @@ use crate::validate::Validator;
 
 /// Capacity of the command channel: callers wait (backpressure) beyond it.
 const COMMAND_BUFFER: usize = 256;
+/// Capacity of the writer's queue: writers wait (backpressure) beyond it.
+const WRITE_BUFFER: usize = 1024;
 /// How long `start` waits for the listeners to come up.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -43,12 +46,37 @@ pub struct Mesh {
 struct Inner {
     peer_id: PeerId,
     keypair: Keypair,
-    signer: HubSigner,
     store: Store,
+    writes: mpsc::Sender<WriteJob>,
     commands: mpsc::Sender<Command>,
     signals: Arc<SignalRelay>,
     cancel: CancellationToken,
     tasks: tokio::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Work for the writer thread.
+enum WriteJob {
+    Originate {
+        drafts: Vec<Draft>,
+        reply: oneshot::Sender<hubmesh_store::Result<(Vec<Record>, DurableTicket)>>,
+    },
+    Stop,
+}
+
+/// The writer: originates every local write, in arrival order, on one
+/// thread of its own. The store signs and applies under its lock, so one
+/// thread loses no parallelism; it saves a blocking-pool hand-off per write
+/// (a thread wake-up each way) and keeps sled's occasional log write and
+/// sync off the async workers.
+fn run_writer(store: Store, signer: HubSigner, mut jobs: mpsc::Receiver<WriteJob>) {
+    while let Some(job) = jobs.blocking_recv() {
+        match job {
+            WriteJob::Originate { drafts, reply } => {
+                let _ = reply.send(store.originate_nowait(drafts, &signer));
+            }
+            WriteJob::Stop => break,
+        }
+    }
 }
 
 impl std::fmt::Debug for Mesh {
@@ -176,16 +204,30 @@ impl Mesh {
         }
         let loop_task = tokio::spawn(event_loop.run());
 
+        let (writes, write_rx) = mpsc::channel(WRITE_BUFFER);
+        let (writer_done, writer_exit) = oneshot::channel::<()>();
+        let (writer_store, signer) = (store.clone(), HubSigner(keypair.clone()));
+        std::thread::Builder::new()
+            .name("hubmesh-writer".into())
+            .spawn(move || {
+                run_writer(writer_store, signer, write_rx);
+                let _ = writer_done.send(());
+            })?;
+        // Completes when the writer thread has let go of the store.
+        let writer_task = tokio::spawn(async move {
+            let _ = writer_exit.await;
+        });
+
         let mesh = Mesh {
             inner: Arc::new(Inner {
                 peer_id,
-                signer: HubSigner(keypair.clone()),
                 keypair,
                 store,
+                writes,
                 commands,
                 signals,
                 cancel,
-                tasks: tokio::sync::Mutex::new(vec![loop_task, signal_task]),
+                tasks: tokio::sync::Mutex::new(vec![loop_task, signal_task, writer_task]),
             }),
         };
         Ok((mesh, events))
@@ -229,15 +271,14 @@ impl Mesh {
     /// Returns once they are durable: publishing is best effort, anti-entropy
     /// covers whatever it misses.
     pub async fn write(&self, drafts: Vec<Draft>) -> Result<Vec<Record>, MeshError> {
-        // The store write runs on a blocking thread: sled may write and sync
-        // a full log buffer on the inserting thread, which must not stall an
-        // async worker (profiles showed `sync_file_range` on tokio workers).
-        let inner = self.inner.clone();
-        let (records, ticket) = tokio::task::spawn_blocking(move || {
-            inner.store.originate_nowait(drafts, &inner.signer)
-        })
-        .await
-        .map_err(|_| MeshError::Closed)??;
+        // The store write runs on the writer thread (see `run_writer`).
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .writes
+            .send(WriteJob::Originate { drafts, reply })
+            .await
+            .map_err(|_| MeshError::Closed)?;
+        let (records, ticket) = answer.await.map_err(|_| MeshError::Closed)??;
         self.inner.store.durable(ticket).await?;
         let command = Command::Publish {
             records: records.clone(),
@@ -358,6 +399,8 @@ impl Mesh {
     /// returns once the tasks have ended. Idempotent.
     pub async fn shutdown(&self) {
         self.inner.cancel.cancel();
+        // Writes already queued are stored first; later ones get `Closed`.
+        let _ = self.inner.writes.send(WriteJob::Stop).await;
         let mut tasks = self.inner.tasks.lock().await;
         for task in tasks.drain(..) {
             if let Err(e) = task.await {
