@@ -216,12 +216,16 @@ impl SignalRelay {
         let slot = self.slot(target)?;
         let mut guard = slot.lock().await;
         let payload = Bytes::from(payload);
+        // A cached stream may have died with its connection, and a fresh one
+        // may have been opened on a connection that is being closed as the
+        // duplicate of a simultaneous dial: a write failure is retried on a
+        // fresh stream, twice at most.
+        let mut fresh_opens = 0;
         loop {
-            // A cached stream may have died with its connection; a write
-            // failure on it is retried once on a fresh stream.
             let fresh = guard.is_none();
             if fresh {
                 let stream = self.open(target).await?;
+                fresh_opens += 1;
                 *guard = Some(FramedWrite::new(stream.compat(), frame_codec()));
             }
             let writer = guard.as_mut().ok_or(SignalError::Closed)?;
@@ -230,7 +234,7 @@ impl SignalRelay {
                 Ok(Err(e)) => {
                     tracing::debug!(%target, error = %e, "signal stream broke");
                     *guard = None;
-                    if fresh {
+                    if fresh_opens >= 2 {
                         return Err(SignalError::Unreachable(target.to_string()));
                     }
                 }
