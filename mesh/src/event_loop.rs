@@ -937,36 +937,7 @@ impl EventLoop {
             );
             return (Vec::new(), 1);
         }
-        let mut invalid = 0;
-        let mut fresh = Vec::with_capacity(batch.len());
-        for bytes in &batch {
-            let record = match codec::decode_record(bytes) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::debug!(error = %e, "malformed record in a gossip message");
-                    invalid += 1;
-                    continue;
-                }
-            };
-            if let Ok(Some(held)) = self.store.get_raw(&record.ns, &record.key)
-                && held[..] == bytes[..]
-            {
-                continue;
-            }
-            fresh.push(record);
-        }
-        let verdicts = self.validator.validate_decoded_many(&fresh);
-        let mut valid = Vec::with_capacity(fresh.len());
-        for (record, verdict) in fresh.into_iter().zip(verdicts) {
-            match verdict {
-                Ok(_) => valid.push(record),
-                Err(e) => {
-                    tracing::debug!(error = %e, key = %record.key, "invalid gossiped record");
-                    invalid += 1;
-                }
-            }
-        }
-        (valid, invalid)
+        screen_records(&self.store, &self.validator, &batch, None, "gossip message")
     }
 
     fn flush_merges(&mut self) {
@@ -1404,31 +1375,34 @@ fn build_page(store: &Store, origin: &OriginId, after: u64) -> SyncResponse {
     }
 }
 
-/// Validates and merges one pulled page; returns (applied, invalid).
-fn merge_page(
+/// The records of a gossip message or sync page that are new and valid, and
+/// how many were invalid (undecodable, of another origin than `origin` when
+/// one is required, or failing validation). A record already held
+/// byte-for-byte (usually the other path got it first) was validated when
+/// stored: it is skipped without a signature check. The rest are validated
+/// together (`Validator::validate_decoded_many`).
+fn screen_records(
     store: &Store,
     validator: &Validator,
-    sink: &EventSink,
-    origin: &OriginId,
-    records: Vec<ByteBuf>,
-) -> (usize, usize) {
+    encoded: &[ByteBuf],
+    origin: Option<&OriginId>,
+    what: &'static str,
+) -> (Vec<Record>, u32) {
     let mut invalid = 0;
-    let mut fresh = Vec::with_capacity(records.len());
-    for bytes in records {
-        let record = match codec::decode_record(&bytes) {
+    let mut fresh = Vec::with_capacity(encoded.len());
+    for bytes in encoded {
+        let record = match codec::decode_record(bytes) {
             Ok(r) => r,
             Err(e) => {
-                tracing::debug!(error = %e, "malformed record in a sync page");
+                tracing::debug!(error = %e, "malformed record in a {what}");
                 invalid += 1;
                 continue;
             }
         };
-        if record.origin != *origin {
+        if origin.is_some_and(|o| record.origin != *o) {
             invalid += 1;
             continue;
         }
-        // Already held byte-for-byte (usually gossip got here first): it was
-        // validated when stored, so it costs no signature check.
         if let Ok(Some(held)) = store.get_raw(&record.ns, &record.key)
             && held[..] == bytes[..]
         {
@@ -1442,11 +1416,24 @@ fn merge_page(
         match verdict {
             Ok(_) => valid.push(record),
             Err(e) => {
-                tracing::debug!(error = %e, "invalid record in a sync page");
+                tracing::debug!(error = %e, key = %record.key, "invalid record in a {what}");
                 invalid += 1;
             }
         }
     }
+    (valid, invalid)
+}
+
+/// Validates and merges one pulled page; returns (applied, invalid).
+fn merge_page(
+    store: &Store,
+    validator: &Validator,
+    sink: &EventSink,
+    origin: &OriginId,
+    records: Vec<ByteBuf>,
+) -> (usize, usize) {
+    let (valid, invalid) = screen_records(store, validator, &records, Some(origin), "sync page");
+    let invalid = invalid as usize;
     let applied = if valid.is_empty() {
         0
     } else {
