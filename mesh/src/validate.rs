@@ -248,21 +248,23 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn every_rule_is_enforced() {
-        let now = 1_700_000_000_000;
+    /// A manual clock at `now` and a store reading it.
+    fn store_at(now: u64) -> (Clock, hubmesh_store::Store) {
         let clock = Clock::manual(now);
         let store = hubmesh_store::Store::open_with(hubmesh_store::StoreConfig {
             clock: clock.clone(),
             ..Default::default()
         })
         .unwrap();
-        let me = Keypair::generate_ed25519();
-        let stranger = Keypair::generate_ed25519();
-        let members: BTreeSet<PeerId> = [me.public().to_peer_id()].into();
-        let v = Validator::new(
+        (clock, store)
+    }
+
+    /// A validator for `me` (expiry at most an hour ahead) whose namespace
+    /// check refuses the key "refused".
+    fn refusing_validator(me: &Keypair, membership: Membership, clock: &Clock) -> Validator {
+        Validator::new(
             me.public().to_peer_id(),
-            Membership::Allowlist(members),
+            membership,
             Duration::from_secs(3600),
             clock.clone(),
             Some(Arc::new(|r: &Record| {
@@ -272,7 +274,17 @@ mod tests {
                     Ok(())
                 }
             })),
-        );
+        )
+    }
+
+    #[tokio::test]
+    async fn every_rule_is_enforced() {
+        let now = 1_700_000_000_000;
+        let (clock, store) = store_at(now);
+        let me = Keypair::generate_ed25519();
+        let stranger = Keypair::generate_ed25519();
+        let members: BTreeSet<PeerId> = [me.public().to_peer_id()].into();
+        let v = refusing_validator(&me, Membership::Allowlist(members), &clock);
         let mine = HubSigner(me);
         let ok = store
             .originate(vec![draft("a", now + 1000)], &mine)
@@ -349,26 +361,9 @@ mod tests {
     #[tokio::test]
     async fn batched_validation_gives_the_verdicts_of_one_by_one() {
         let now = 1_700_000_000_000;
-        let clock = Clock::manual(now);
-        let store = hubmesh_store::Store::open_with(hubmesh_store::StoreConfig {
-            clock: clock.clone(),
-            ..Default::default()
-        })
-        .unwrap();
+        let (clock, store) = store_at(now);
         let (me, other) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
-        let v = Validator::new(
-            me.public().to_peer_id(),
-            Membership::Open,
-            Duration::from_secs(3600),
-            clock.clone(),
-            Some(Arc::new(|r: &Record| {
-                if r.key == "refused" {
-                    Err("no".into())
-                } else {
-                    Ok(())
-                }
-            })),
-        );
+        let v = refusing_validator(&me, Membership::Open, &clock);
         let mut good = Vec::new();
         for (i, key) in [&me, &other].into_iter().cycle().take(20).enumerate() {
             let signer = HubSigner(key.clone());

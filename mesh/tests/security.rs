@@ -161,30 +161,12 @@ async fn forged_records_are_rejected_on_every_path_and_offenders_banned() {
     assert!(holds_none(&v.store, &forged_dht), "forged DHT puts refused");
 
     // Repeated abuse: V disconnects and bans M.
-    let mut i = 0;
-    let v_events = &mut v.events;
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let forged = forge(&m, &stranger_key, &format!("more{i}")).await;
-            i += 1;
-            m.mesh.publish_via(forged, true, false).await.unwrap();
-            let left = tokio::time::timeout(Duration::from_millis(300), async {
-                loop {
-                    if let Some(MeshEvent::PeerLeft(p)) = v_events.recv().await
-                        && p == m.id()
-                    {
-                        return;
-                    }
-                }
-            })
-            .await;
-            if left.is_ok() {
-                break;
-            }
-        }
+    let (mm, key) = (&m, &stranger_key);
+    offend_until_dropped(&mut v.events, m.id(), |i| async move {
+        let forged = forge(mm, key, &format!("more{i}")).await;
+        mm.mesh.publish_via(forged, true, false).await.unwrap();
     })
-    .await
-    .expect("offender banned");
+    .await;
     assert!(
         !v.mesh
             .peers()
@@ -310,16 +292,43 @@ async fn gossip_batches_keep_valid_records_and_malformed_messages_count_as_strik
             }
         }
     };
-    let mut sent = 0;
-    let v_events = &mut v.events;
+    let mesh = &m.mesh;
+    let sent = offend_until_dropped(&mut v.events, m.id(), |i| async move {
+        mesh.gossip_raw(bad_messages(i)).await.unwrap();
+    })
+    .await;
+    // 10 strikes drop a peer and the forged record above was one: 9 more
+    // messages do it (a few more may leave before the drop is seen).
+    assert!(
+        sent <= 12,
+        "every malformed message is a strike ({sent} sent)"
+    );
+    for h in [&m, &v] {
+        h.mesh.shutdown().await;
+    }
+}
+
+/// Runs `offend(0)`, `offend(1)`, … until `offender` leaves the peers of the
+/// hub whose events these are (within 10 s, else the test fails); returns how
+/// many offences it took.
+async fn offend_until_dropped<F, Fut>(
+    events: &mut tokio::sync::mpsc::Receiver<MeshEvent>,
+    offender: libp2p::PeerId,
+    mut offend: F,
+) -> usize
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut n = 0;
     tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            m.mesh.gossip_raw(bad_messages(sent)).await.unwrap();
-            sent += 1;
-            let left = tokio::time::timeout(Duration::from_millis(200), async {
+            offend(n).await;
+            n += 1;
+            let left = tokio::time::timeout(Duration::from_millis(300), async {
                 loop {
-                    if let Some(MeshEvent::PeerLeft(p)) = v_events.recv().await
-                        && p == m.id()
+                    if let Some(MeshEvent::PeerLeft(p)) = events.recv().await
+                        && p == offender
                     {
                         return;
                     }
@@ -332,16 +341,8 @@ async fn gossip_batches_keep_valid_records_and_malformed_messages_count_as_strik
         }
     })
     .await
-    .expect("the sender of malformed gossip is dropped");
-    // 10 strikes drop a peer and the forged record above was one: 9 more
-    // messages do it (a few more may leave before the drop is seen).
-    assert!(
-        sent <= 12,
-        "every malformed message is a strike ({sent} sent)"
-    );
-    for h in [&m, &v] {
-        h.mesh.shutdown().await;
-    }
+    .expect("the offender is dropped");
+    n
 }
 
 /// A bare libp2p swarm that speaks raw streams, to send malformed frames.
