@@ -31,7 +31,7 @@ use crate::protocol::{
     GOSSIP_ENTRY_OVERHEAD, MAX_GOSSIP_BATCH, MAX_GOSSIP_BATCH_BYTES, MAX_PAGE_BYTES,
     MAX_PAGE_RECORDS, MAX_SYNC_ORIGINS, Names, SyncRequest, SyncResponse,
 };
-use crate::validate::{Validator, dht_key, split_dht_key};
+use crate::validate::{Validator, dht_key, held_exactly, split_dht_key};
 
 /// What one connected hub looks like to the owner.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -963,8 +963,7 @@ impl EventLoop {
                 // Usually gossip got here first: the exact record is held
                 // (validated when stored), so it costs no signature check.
                 if let Some((ns, key)) = split_dht_key(record.key.as_ref())
-                    && let Ok(Some(held)) = self.store.get_raw(ns, key)
-                    && held == record.value
+                    && held_exactly(&self.store, ns, key, &record.value)
                 {
                     return;
                 }
@@ -1403,9 +1402,7 @@ fn screen_records(
             invalid += 1;
             continue;
         }
-        if let Ok(Some(held)) = store.get_raw(&record.ns, &record.key)
-            && held[..] == bytes[..]
-        {
+        if held_exactly(store, &record.ns, &record.key, bytes) {
             continue;
         }
         fresh.push(record);

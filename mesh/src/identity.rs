@@ -1,6 +1,7 @@
 //! The hub's identity: its persisted ed25519 keypair, the [`HubSigner`] that
-//! signs the records it originates, and [`verify_record`], the signature check
-//! every inbound record goes through.
+//! signs the records it originates, the origin key a record names, and
+//! [`verify_record`], a record's signature check on its own (inbound records
+//! go through `Validator`, which checks the same signature, batched).
 
 use std::path::Path;
 

@@ -20,7 +20,7 @@ use libp2p::PeerId;
 use libp2p::kad::store::{self, MemoryStore, MemoryStoreConfig, RecordStore};
 use libp2p::kad::{ProviderRecord, Record as KadRecord, RecordKey};
 
-use crate::validate::{Validator, split_dht_key};
+use crate::validate::{Validator, held_exactly, split_dht_key};
 
 /// See the module docs.
 pub(crate) struct KadStore {
@@ -87,8 +87,7 @@ impl RecordStore for KadStore {
         // are already held (and were validated when stored), so skip the
         // decode, signature check and merge.
         if let Some((ns, key)) = split_dht_key(r.key.as_ref())
-            && let Ok(Some(held)) = self.store.get_raw(ns, key)
-            && held[..] == r.value[..]
+            && held_exactly(&self.store, ns, key, &r.value)
         {
             return Ok(());
         }

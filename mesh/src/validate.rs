@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ed25519_dalek::{Signature, Verifier, VerifyingKey};
-use hubmesh_store::{Clock, OriginId, Record, codec};
+use hubmesh_store::{Clock, OriginId, Record, Store, codec};
 use libp2p::PeerId;
 
 use crate::config::{Membership, RecordValidator};
@@ -90,12 +90,8 @@ impl Validator {
     /// [`Validator::validate`] for a record that came out of
     /// `codec::decode_record` (which already checked shape and size).
     pub(crate) fn validate_decoded(&self, record: &Record) -> Result<PeerId, ValidationError> {
-        let (origin, key, sig) = self.precheck(record)?;
-        if key.verify(&codec::signing_bytes(record), &sig).is_err() {
-            return Err(ValidationError::Signature);
-        }
-        self.custom_check(record)?;
-        Ok(origin)
+        let mut verdicts = self.validate_decoded_many(std::slice::from_ref(record));
+        verdicts.pop().unwrap_or(Err(ValidationError::Signature))
     }
 
     /// [`Validator::validate_decoded`] for many records at once, with the
@@ -209,6 +205,13 @@ impl Validator {
         }
         Ok(record)
     }
+}
+
+/// Whether the store holds exactly these encoded bytes for `ns`/`key`. Such
+/// a record was validated when it was stored, so every inbound path accepts
+/// it again without a signature check (`specs/mesh.md` §3).
+pub(crate) fn held_exactly(store: &Store, ns: &str, key: &str, bytes: &[u8]) -> bool {
+    matches!(store.get_raw(ns, key), Ok(Some(held)) if held[..] == bytes[..])
 }
 
 /// The Kademlia key of a record: `ns 0x00 key` (neither contains NUL).
